@@ -1,0 +1,1 @@
+"""New cache classes: the code that goes upstream as-is."""

@@ -1,0 +1,52 @@
+"""With a quantized KV cache, the server serves requests on the sequential path.
+
+Upstream: the server's batched path (BatchGenerator) never quantizes its caches; releases
+before 0.32.0 have no kv_bits check in `_is_batchable`, so with kv flags added they would
+batch and silently serve at 16 bits. Here such requests go through the sequential path,
+which quantizes, and the reason is logged once.
+Patch file: patches/0001-server-kv-flags-and-max-kv-size.patch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+from ..settings import current
+from .base import Fix, Patcher
+
+log = logging.getLogger("mlx_lm_ext")
+_state = {"original": None, "logged": False}
+
+
+def _is_batchable(self, args) -> bool:
+    if current().kv_bits is not None:
+        if not _state["logged"]:
+            _state["logged"] = True
+            log.info(
+                "kv_bits is set: the batched path cannot carry a quantized cache; "
+                "requests are served one at a time"
+            )
+        return False
+    return _state["original"](self, args)
+
+
+class BatchableFallback(Fix):
+    name = "batchable-fallback"
+    summary = "quantized KV requests take the sequential server path"
+
+    def needed(self) -> bool:
+        from mlx_lm import server
+
+        method = getattr(getattr(server, "ResponseGenerator", None), "_is_batchable", None)
+        return (
+            method is not None
+            and method is not _is_batchable
+            and ("kv_bits" not in inspect.getsource(method))
+        )
+
+    def install(self, patcher: Patcher) -> None:
+        from mlx_lm import server
+
+        _state["original"] = server.ResponseGenerator._is_batchable
+        patcher.set(server.ResponseGenerator, "_is_batchable", _is_batchable)

@@ -1,0 +1,62 @@
+"""How far a quantized KV cache moves the model: teacher-forced KL and top-1 agreement.
+
+Greedy text diverges after the first flipped token and then says nothing more, so
+quality is measured teacher-forced: the same tokens go through a 16-bit and a quantized
+cache, and the next-token distributions are compared position by position, on the
+decode path (one token at a time) that generation uses after the prompt.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+from .settings import KVSettings
+
+
+@dataclass(frozen=True)
+class Agreement:
+    kl_mean: float
+    kl_max: float
+    top1: float
+    positions: int
+
+
+def decode_logprobs(model: Any, tokens: list[int], prefill: int, settings: KVSettings) -> mx.array:
+    """Log-probs after each of tokens[prefill:], fed one at a time after a prefill.
+
+    The cache is built and quantized exactly as generate_step does it: the patched
+    factory (max_kv_size) and maybe_quantize_kv_cache after the prefill and each step.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    generate = importlib.import_module("mlx_lm.generate")
+    cache = make_prompt_cache(model, max_kv_size=settings.max_kv_size)
+
+    def quantize():
+        generate.maybe_quantize_kv_cache(cache, settings.start, settings.kv_group_size, settings.kv_bits)
+
+    model(mx.array(tokens[:prefill])[None], cache=cache)
+    quantize()
+    out = []
+    for t in tokens[prefill:]:
+        logits = model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32)
+        quantize()
+        out.append(logits - mx.logsumexp(logits))
+        mx.eval(out[-1])
+    return mx.stack(out)
+
+
+def agreement(reference: mx.array, candidate: mx.array) -> Agreement:
+    """KL(reference || candidate) per position and top-1 agreement."""
+    kl = (mx.exp(reference) * (reference - candidate)).sum(axis=-1)
+    top1 = (reference.argmax(-1) == candidate.argmax(-1)).astype(mx.float32).mean()
+    return Agreement(kl.mean().item(), kl.max().item(), top1.item(), reference.shape[0])
+
+
+def cache_nbytes(cache: list[Any]) -> int:
+    """Bytes held by a prompt cache's arrays (CacheList and quantized triples included)."""
+    return sum(c.nbytes for c in cache)
