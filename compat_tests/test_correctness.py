@@ -45,10 +45,14 @@ def test_quantized_decode_stays_close_to_fp16(entry, loaded, kv_bits, request, r
     prefill = entry.correctness["prompt_tokens"]
     tokens = token_prompt(prefill + DECODE)
     ref = _fp16(entry, model, tokens, prefill)
-    got = agreement(ref, decode_logprobs(model, tokens, prefill, KVSettings(kv_bits=kv_bits, quantized_kv_start=0)))
+    got = agreement(
+        ref, decode_logprobs(model, tokens, prefill, KVSettings(kv_bits=kv_bits, quantized_kv_start=0))
+    )
     record_property("kl_mean", got.kl_mean)
     record_property("top1", got.top1)
-    print(f"\n{entry.id} kv_bits={kv_bits}: KL mean {got.kl_mean:.2e} max {got.kl_max:.2e} top-1 {got.top1:.3f}")
+    print(
+        f"\n{entry.id} kv_bits={kv_bits}: KL mean {got.kl_mean:.2e} max {got.kl_max:.2e} top-1 {got.top1:.3f}"
+    )
     assert got.kl_mean <= entry.correctness["max_kl"][kv_bits]
     min_top1 = entry.correctness.get("min_top1", {}).get(kv_bits)
     if min_top1 is not None:

@@ -19,9 +19,9 @@ def affine_ratio(bits: int, group: int, dtype_bits: int) -> float:
 
 
 def _cache_after_prefill(model, kv_bits):
-    from mlx_lm.models.cache import make_prompt_cache
-
     import importlib
+
+    from mlx_lm.models.cache import make_prompt_cache
 
     generate = importlib.import_module("mlx_lm.generate")
     cache = make_prompt_cache(model)
@@ -46,7 +46,9 @@ def test_quantized_cache_bytes_match_affine_ratio(entry, loaded, kv_bits, reques
     other = cache_nbytes(full) - fp
     ratio = q / fp
     record_property("kv_ratio", ratio)
-    print(f"\n{entry.id} kv_bits={kv_bits}: attention KV {fp} -> {q} bytes ({ratio:.4f}); other state {other}")
+    print(
+        f"\n{entry.id} kv_bits={kv_bits}: attention KV {fp} -> {q} bytes ({ratio:.4f}); other state {other}"
+    )
     assert ratio == pytest.approx(affine_ratio(kv_bits, 64, dtype_bits), rel=1e-6)
     # recurrent state is never quantized: it keeps every byte
     assert cache_nbytes(quant) - q == other

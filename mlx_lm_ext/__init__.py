@@ -41,4 +41,4 @@ def applied() -> list[str]:
     return applied_fixes()
 
 
-__all__ = ["KVSettings", "SettingsError", "apply", "applied", "current", "revert", "validate"]
+__all__ = ["KVSettings", "SettingsError", "apply", "applied", "configure", "current", "revert", "validate"]

@@ -1,0 +1,239 @@
+"""The patched server, as a real process on 127.0.0.1, on every models.yaml family."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import DELIVERY
+
+import mlx_lm_ext
+from mlx_lm_ext import layout
+from mlx_lm_ext.fixes.server_kv_flags import add_missing_flags, settings_from_args
+from mlx_lm_ext.settings import head_dims
+
+pytestmark = pytest.mark.skipif(DELIVERY != "monkeypatch", reason="runs the patched server")
+
+CONFIGS = {
+    "kv8": ["--kv-bits", "8", "--quantized-kv-start", "0"],
+    "kv4-bounded": ["--kv-bits", "4", "--quantized-kv-start", "0", "--max-kv-size", "256"],
+}
+MAX_TOKENS = 8
+STARTUP_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(port: int, path: str, body: dict | None = None, timeout: float = 120):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+class Server:
+    def __init__(self, model_path, args: list[str], log_path):
+        self.port = _free_port()
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlx_lm_ext.server",
+            "--model",
+            str(model_path),
+            "--port",
+            str(self.port),
+            "--max-tokens",
+            str(MAX_TOKENS),
+            *args,
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        deadline = time.time() + STARTUP_S
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.output()}")
+            try:
+                if _request(self.port, "/v1/models", timeout=2)[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"server did not start in {STARTUP_S}s: {self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return open(self.log_path).read()
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def server(request, entry, model_path, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / f"{entry.id}-{request.param}.log"
+    srv = Server(model_path, CONFIGS[request.param], log)
+    srv.config = request.param
+    yield srv
+    srv.stop()
+
+
+def _completion(server, prompt: str, stream: bool = False):
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0, "stream": stream}
+    return _request(server.port, "/v1/completions", body)
+
+
+def _chat(server, text: str, stream: bool = False):
+    body = {
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0.0,
+        "stream": stream,
+    }
+    return _request(server.port, "/v1/chat/completions", body)
+
+
+def _stream_text(raw: str, key: str) -> str:
+    out = []
+    for line in raw.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            choice = json.loads(line[6:])["choices"][0]
+            out.append(choice["text"] if key == "text" else choice["delta"].get("content") or "")
+    return "".join(out)
+
+
+PROMPT = "The cache keeps the keys and the values of every token the model has seen. " * 24
+
+
+def test_text_completion_matches_in_process_generation(server, entry, loaded):
+    from mlx_lm import stream_generate
+
+    status, body = _completion(server, PROMPT)
+    assert status == 200, body
+    reply = json.loads(body)
+    assert reply["object"] == "text_completion" and reply["choices"][0]["finish_reason"] in ("stop", "length")
+    assert reply["usage"]["completion_tokens"] >= 1
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_missing_flags(parser)
+    settings = settings_from_args(parser.parse_known_args(CONFIGS[server.config])[0])
+    previous = mlx_lm_ext.current()
+    mlx_lm_ext.configure(settings)
+    try:
+        model, tok = loaded
+        expected = "".join(
+            r.text
+            for r in stream_generate(
+                model,
+                tok,
+                PROMPT,
+                max_tokens=MAX_TOKENS,
+                kv_bits=settings.kv_bits,
+                kv_group_size=settings.kv_group_size,
+                quantized_kv_start=settings.start,
+            )
+        )
+    finally:
+        mlx_lm_ext.configure(previous)
+    assert reply["choices"][0]["text"] == expected
+
+
+def test_streaming_and_chat_are_well_formed(server):
+    status, raw = _completion(server, PROMPT, stream=True)
+    assert status == 200 and raw.rstrip().endswith("data: [DONE]")
+    status, non_stream = _completion(server, PROMPT)
+    assert _stream_text(raw, "text") == json.loads(non_stream)["choices"][0]["text"]
+
+    status, body = _chat(server, "Hello! How are you today?")
+    assert status == 200, body
+    message = json.loads(body)["choices"][0]["message"]
+    assert message["role"] == "assistant" and isinstance(message["content"], str)
+    status, raw = _chat(server, "Hello! How are you today?", stream=True)
+    assert status == 200 and _stream_text(raw, "chat") == message["content"]
+
+
+def test_server_quantizes_the_expected_layers(server, entry):
+    _completion(server, PROMPT)
+    quantizable = [i for i, k in enumerate(entry.layout) if k in (layout.FULL, layout.SLIDING)]
+    log = server.output()
+    match = re.search(r"kv_bits=(\d) quantizes layers ([\d,]+|none)", log)
+    assert match, log[-2000:]
+    assert match.group(2) == ",".join(map(str, quantizable))
+    if server.config == "kv4-bounded":
+        assert "max_kv_size=256" in log
+
+
+def test_failed_request_gets_error_and_next_is_served(server):
+    status, body = _request(server.port, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0})
+    assert status >= 400 and "error" in json.loads(body), body
+    status, body = _completion(server, PROMPT)
+    assert status == 200, body
+
+
+BAD_FLAGS = {
+    "kv-bits-7": (["--kv-bits", "7"], "--kv-bits 7: must be one of 2, 3, 4, 5, 6, 8"),
+    "group-48": (["--kv-bits", "8", "--kv-group-size", "48"], "--kv-group-size 48: must be one of"),
+    "negative-start": (["--kv-bits", "8", "--quantized-kv-start", "-1"], "--quantized-kv-start -1"),
+    "zero-max": (["--max-kv-size", "0"], "--max-kv-size 0: must be a positive"),
+}
+
+
+@pytest.mark.parametrize("flags,message", list(BAD_FLAGS.values()), ids=list(BAD_FLAGS))
+def test_bad_flag_exits_2_before_loading(flags, message, tmp_path):
+    missing = tmp_path / "no-weights-here"
+    missing.mkdir()
+    (missing / "config.json").write_text(json.dumps({"head_dim": 128, "num_attention_heads": 4}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_lm_ext.server", "--model", str(missing), *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+
+
+def test_group_size_not_dividing_head_dim_names_the_model(entry, model_path):
+    dims = head_dims(json.loads((model_path / "config.json").read_text()))
+    group = next((g for g in (32, 64, 128) if any(d % g for d in dims)), None)
+    if group is None:
+        pytest.skip(f"every allowed group size divides {entry.id}'s head dims {sorted(dims)}")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm_ext.server",
+            "--model",
+            str(model_path),
+            "--kv-bits",
+            "8",
+            "--kv-group-size",
+            str(group),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "does not divide the head dim" in proc.stderr, proc.stderr

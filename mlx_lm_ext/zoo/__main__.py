@@ -1,0 +1,40 @@
+"""python -m mlx_lm_ext.zoo list | path ID [--tier offline|hub]
+
+`path` builds the offline stand-in if needed (or downloads the hub model) and prints the
+model folder, ready for `--model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from . import TIERS, load_catalog, resolve, select
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mlx_lm_ext.zoo")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the models.yaml entries")
+    path = sub.add_parser("path", help="build or download a model and print its folder")
+    path.add_argument("id", help="a models.yaml id (exact, or a unique substring)")
+    path.add_argument("--tier", choices=TIERS, default="offline")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    entries = load_catalog()
+    if args.command == "list":
+        for e in entries:
+            print(f"{e.id:18} {e.model_type:14} {e.hub:48} layout: {' '.join(e.layout)}")
+        return
+    exact = [e for e in entries if e.id == args.id]
+    matches = exact or select(entries, args.id)
+    if len(matches) != 1:
+        parser.error(
+            f"id {args.id!r} matches {[e.id for e in matches] or 'nothing'}; use one of "
+            f"{[e.id for e in entries]}"
+        )
+    print(resolve(matches[0], args.tier))
+
+
+if __name__ == "__main__":
+    main()

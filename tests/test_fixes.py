@@ -1,0 +1,105 @@
+"""Fixes are feature-detected, idempotent and reversible, with one log line each."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import pytest
+from mlx_lm import server
+from mlx_lm.models import base, cache
+
+import mlx_lm_ext
+from mlx_lm_ext import layout
+from mlx_lm_ext.fixes import FIXES
+
+generate = importlib.import_module("mlx_lm.generate")
+
+
+def _targets():
+    return (
+        cache.make_prompt_cache,
+        generate.maybe_quantize_kv_cache,
+        base.scaled_dot_product_attention,
+        cache.RotatingKVCache.to_quantized,
+        server.argparse,
+        server.APIHandler.handle_completion,
+    )
+
+
+@pytest.fixture(autouse=True)
+def clean():
+    mlx_lm_ext.revert()
+    yield
+    mlx_lm_ext.revert()
+
+
+def test_apply_logs_once_per_fix_is_idempotent_and_revert_restores(caplog):
+    before = _targets()
+    with caplog.at_level(logging.INFO, logger="mlx_lm_ext"):
+        first = mlx_lm_ext.apply()
+        second = mlx_lm_ext.apply()
+    assert first and second == []
+    assert mlx_lm_ext.applied() == first
+    lines = [r.getMessage() for r in caplog.records if "applied" in r.getMessage()]
+    assert len(lines) == len(first)
+    assert all(a is not b for a, b in zip(before, _targets(), strict=True))
+    assert set(mlx_lm_ext.revert()) == set(first)
+    assert all(a is b for a, b in zip(before, _targets(), strict=True))
+    assert mlx_lm_ext.applied() == []
+
+
+def test_applied_fixes_are_no_longer_needed():
+    mlx_lm_ext.apply()
+    for fix in FIXES:
+        if fix.name in mlx_lm_ext.applied():
+            assert not fix.needed(), fix.name
+
+
+def test_only_applies_named_fixes_and_rejects_unknown():
+    assert mlx_lm_ext.apply(only=["max-kv-size"]) == ["max-kv-size"]
+    with pytest.raises(ValueError, match="unknown fixes"):
+        mlx_lm_ext.apply(only=["no-such-fix"])
+
+
+def test_unknown_cache_class_names_model_and_class():
+    class MysteryCache:
+        offset = 0
+
+    with pytest.raises(layout.UnknownCacheLayout, match="my_model: cache class .*MysteryCache"):
+        layout.classify(MysteryCache(), "my_model")
+    mlx_lm_ext.apply()
+    with pytest.raises(layout.UnknownCacheLayout, match="MysteryCache"):
+        generate.maybe_quantize_kv_cache([MysteryCache()], 0, 64, 8)
+
+
+def test_max_kv_size_bounds_every_layout():
+    mlx_lm_ext.apply()
+
+    class Model:
+        model_type = "probe"
+        layers = [None] * 4
+
+        def make_cache(self):
+            return [
+                cache.KVCache(),
+                cache.RotatingKVCache(max_size=512),
+                cache.RotatingKVCache(max_size=64),
+                cache.ArraysCache(size=2),
+            ]
+
+    bounded = cache.make_prompt_cache(Model(), max_kv_size=128)
+    assert layout.describe(bounded) == ["sliding", "sliding", "sliding", "recurrent"]
+    assert [c.max_size for c in bounded[:3]] == [128, 128, 64]
+    assert layout.describe(cache.make_prompt_cache(Model())) == ["kv", "sliding", "sliding", "recurrent"]
+
+
+def test_cache_list_is_walked_and_recurrent_state_kept():
+    import mlx.core as mx
+
+    mlx_lm_ext.apply()
+    kv, state = cache.KVCache(), cache.ArraysCache(size=2)
+    kv.update_and_fetch(mx.zeros((1, 1, 4, 64)), mx.zeros((1, 1, 4, 64)))
+    caches = [cache.CacheList(kv, state)]
+    generate.maybe_quantize_kv_cache(caches, 0, 64, 8)
+    assert layout.describe(caches) == ["list(quantized,recurrent)"]

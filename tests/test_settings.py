@@ -1,0 +1,41 @@
+"""Bad values are refused with one line naming the flag, the value and what is allowed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlx_lm_ext.settings import KVSettings, SettingsError, head_dims, validate
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (KVSettings(kv_bits=7), "--kv-bits 7: must be one of 2, 3, 4, 5, 6, 8"),
+        (KVSettings(kv_bits=8, kv_group_size=48), "--kv-group-size 48: must be one of 32, 64, 128"),
+        (KVSettings(kv_bits=8, quantized_kv_start=-5), "--quantized-kv-start -5"),
+        (KVSettings(max_kv_size=-1), "--max-kv-size -1: must be a positive"),
+    ],
+)
+def test_bad_values_are_refused(settings, message):
+    with pytest.raises(SettingsError, match=message):
+        validate(settings)
+
+
+def test_group_size_must_divide_every_head_dim(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {"model_type": "gemma4_text", "head_dim": 256, "global_head_dim": 512, "num_attention_heads": 4}
+        )
+    )
+    validate(KVSettings(kv_bits=4, kv_group_size=128), model=str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "head_dim": 64}))
+    with pytest.raises(SettingsError, match="does not divide the head dim 64 .* use one of 32, 64"):
+        validate(KVSettings(kv_bits=4, kv_group_size=128), model=str(tmp_path))
+
+
+def test_head_dims_read_nested_text_config_and_derived_dims():
+    assert head_dims({"text_config": {"head_dim": 128}}) == {128}
+    assert head_dims({"hidden_size": 2048, "num_attention_heads": 32}) == {64}
+    assert head_dims({"head_dim": 256, "global_head_dim": 512}) == {256, 512}
