@@ -8,7 +8,7 @@ from conftest import expect_upstream
 from prompts import token_prompt
 
 from mlx_lm_ext import layout
-from mlx_lm_ext.quality import cache_nbytes
+from mlx_lm_ext.quality import cache_nbytes, layer_nbytes
 
 TOKENS = 1024  # a multiple of the caches' 256-token step, past every offline window but 1024
 
@@ -41,8 +41,8 @@ def test_quantized_cache_bytes_match_affine_ratio(entry, loaded, kv_bits, reques
     quant = _cache_after_prefill(model, kv_bits)
     attention = [i for i, k in enumerate(layout.describe(full)) if k in (layout.FULL, layout.SLIDING)]
     dtype_bits = full[attention[0]].keys.dtype.size * 8
-    fp = sum(full[i].nbytes for i in attention)
-    q = sum(quant[i].nbytes for i in attention)
+    fp = sum(layer_nbytes(full[i]) for i in attention)
+    q = sum(layer_nbytes(quant[i]) for i in attention)
     other = cache_nbytes(full) - fp
     ratio = q / fp
     record_property("kv_ratio", ratio)

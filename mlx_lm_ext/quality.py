@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .settings import KVSettings
 
@@ -57,6 +58,18 @@ def agreement(reference: mx.array, candidate: mx.array) -> Agreement:
     return Agreement(kl.mean().item(), kl.max().item(), top1.item(), reference.shape[0])
 
 
+def layer_nbytes(cache: Any) -> int:
+    """Bytes of one layer's buffers; releases before 0.31 have no `nbytes` on caches."""
+    try:
+        return cache.nbytes
+    except (AttributeError, NotImplementedError):
+        pass
+    if hasattr(cache, "caches"):
+        return sum(layer_nbytes(c) for c in cache.caches)
+    held = cache.cache if hasattr(cache, "cache") else (cache.keys, cache.values)
+    return sum(x.nbytes for _, x in tree_flatten(held) if isinstance(x, mx.array))
+
+
 def cache_nbytes(cache: list[Any]) -> int:
     """Bytes held by a prompt cache's arrays (CacheList and quantized triples included)."""
-    return sum(c.nbytes for c in cache)
+    return sum(layer_nbytes(c) for c in cache)

@@ -50,7 +50,9 @@ class QuantizedRotatingKVCache(_BaseCache):
     make_mask = RotatingKVCache.make_mask
     trim = RotatingKVCache.trim
     is_trimmable = RotatingKVCache.is_trimmable
-    size = RotatingKVCache.size
+
+    def size(self) -> int:
+        return min(self.offset, self.max_size)
 
     def _quantize(self, x: mx.array) -> tuple[mx.array, ...]:
         return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
