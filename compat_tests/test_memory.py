@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import mlx.core as mx
 import pytest
 from conftest import expect_upstream
@@ -19,7 +21,6 @@ def affine_ratio(bits: int, group: int, dtype_bits: int) -> float:
 
 
 def _cache_after_prefill(model, kv_bits):
-    import importlib
 
     from mlx_lm.models.cache import make_prompt_cache
 

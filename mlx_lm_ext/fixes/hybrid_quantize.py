@@ -34,7 +34,7 @@ KEPT = {
 _logged: set[tuple] = set()
 
 
-def _convert(cache: Any, kind: str, start: int, group_size: int, bits: int) -> Any:
+def _convert(cache: Any, start: int, group_size: int, bits: int) -> Any:
     if cache.offset < start:
         return cache
     return cache.to_quantized(group_size=group_size, bits=bits)
@@ -44,11 +44,11 @@ def quantize_layer(cache: Any, start: int, group_size: int, bits: int, sliding: 
     """One layer's cache after quantization, and the reason when it is kept."""
     kind = layout.classify(cache)
     if kind == layout.FULL:
-        return _convert(cache, kind, start, group_size, bits), None
+        return _convert(cache, start, group_size, bits), None
     if kind == layout.SLIDING:
         if not sliding:
             return cache, f"sliding window ({cache.max_size} tokens) kept at full precision"
-        return _convert(cache, kind, start, group_size, bits), None
+        return _convert(cache, start, group_size, bits), None
     if kind == layout.LIST:
         inner = [quantize_layer(c, start, group_size, bits, sliding) for c in cache.caches]
         cache.caches = type(cache.caches)(c for c, _ in inner)
