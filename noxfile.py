@@ -13,7 +13,7 @@ import platform
 import nox
 
 nox.options.default_venv_backend = "uv|virtualenv"
-nox.options.sessions = ["lint", "tests", "compat"]
+nox.options.sessions = ["lint", "tests", "compat"]  # baseline runs on demand
 
 # mlx-lm release -> the mlx release it is tested with (the newest of the mlx series the
 # release was built against; on Linux mlx-lm does not depend on mlx, so we pin it).
@@ -32,6 +32,13 @@ def _mlx(version: str) -> str:
     return f"mlx[cpu]=={version}" if platform.system() == "Linux" else f"mlx=={version}"
 
 
+def _install_release(session: nox.Session, mlx_lm: str) -> None:
+    """One mlx-lm release, its mlx, and this project without touching either."""
+    extra = [TRANSFORMERS[mlx_lm]] if mlx_lm in TRANSFORMERS else []
+    session.install(_mlx(RELEASES[mlx_lm]), f"mlx-lm=={mlx_lm}", *extra, *PROJECT_DEPS)
+    session.install("--no-deps", "-e", ".")
+
+
 def _split(posargs: list[str]) -> list[str]:
     """A leading bare word selects models; everything else is passed to pytest."""
     if posargs and not posargs[0].startswith("-"):
@@ -43,9 +50,7 @@ def _split(posargs: list[str]) -> list[str]:
 @nox.parametrize("mlx_lm", list(RELEASES))
 def compat(session: nox.Session, mlx_lm: str) -> None:
     """The compatibility suite on one mlx-lm release, in a clean environment."""
-    extra = [TRANSFORMERS[mlx_lm]] if mlx_lm in TRANSFORMERS else []
-    session.install(_mlx(RELEASES[mlx_lm]), f"mlx-lm=={mlx_lm}", *extra, *PROJECT_DEPS)
-    session.install("--no-deps", "-e", ".")
+    _install_release(session, mlx_lm)
     session.run(
         "python",
         "-c",
@@ -66,3 +71,12 @@ def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+@nox.parametrize("mlx_lm", list(RELEASES))
+def baseline(session: nox.Session, mlx_lm: str) -> None:
+    """Probe unpatched mlx-lm on every family; JSON for the README's baseline table."""
+    _install_release(session, mlx_lm)
+    out = f"benchmarks/results/baseline/{mlx_lm}.json"
+    session.run("python", "benchmarks/baseline.py", "run", "--json", out, *session.posargs)

@@ -10,7 +10,9 @@ from conftest import expect_upstream
 from prompts import token_prompt
 
 from mlx_lm_ext import layout
+from mlx_lm_ext.measure import filled_cache
 from mlx_lm_ext.quality import cache_nbytes, layer_nbytes
+from mlx_lm_ext.settings import KVSettings
 
 TOKENS = 1024  # a multiple of the caches' 256-token step, past every offline window but 1024
 
@@ -53,3 +55,47 @@ def test_quantized_cache_bytes_match_affine_ratio(entry, loaded, kv_bits, reques
     assert ratio == pytest.approx(affine_ratio(kv_bits, 64, dtype_bits), rel=1e-6)
     # recurrent state is never quantized: it keeps every byte
     assert cache_nbytes(quant) - q == other
+
+
+BOUND = 128
+
+
+def _fp_equivalent_bytes(layer) -> tuple[int, int, int]:
+    """(tokens held, bytes the same keys and values take unquantized, their dtype bits)."""
+    total, held = 0, None
+    for _, scales, _ in (layer.keys, layer.values):
+        b, heads, held, groups = scales.shape
+        total += b * heads * held * groups * 64 * scales.dtype.size
+    return held, total, scales.dtype.size * 8
+
+
+@pytest.mark.parametrize("n_tokens", [8192, pytest.param(32768, marks=pytest.mark.slow)], ids=["8K", "32K"])
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_bounded_quantized_cache_bytes_are_bound_times_affine_ratio(
+    entry, loaded, kv_bits, n_tokens, request, record_property
+):
+    mark = expect_upstream(entry, kv_bits, quantizes=True, bounded=True)
+    if mark:
+        request.applymarker(mark)
+    model, _ = loaded
+    # a real 512-token prefill, then random keys/values of the same shapes (measure.py)
+    cache = filled_cache(
+        model, n_tokens, KVSettings(kv_bits=kv_bits, quantized_kv_start=0, max_kv_size=BOUND)
+    )
+    kinds = layout.describe(cache)
+    attention = [cache[i] for i, k in enumerate(kinds) if k in (layout.QUANTIZED, layout.QUANTIZED_SLIDING)]
+    assert attention and len(attention) == sum(k in (layout.FULL, layout.SLIDING) for k in entry.layout)
+    measured = sum(layer_nbytes(c) for c in attention)
+    limit, most = 0.0, 0
+    for layer in attention:
+        held, fp_bytes, dtype_bits = _fp_equivalent_bytes(layer)
+        assert held <= BOUND, f"{held} tokens held under max_kv_size={BOUND}"
+        most = max(most, held)
+        limit += fp_bytes * affine_ratio(kv_bits, 64, dtype_bits)
+    assert most == BOUND  # full-attention layers fill the bound exactly, no step slack
+    record_property("bounded_kv_bytes", measured)
+    print(
+        f"\n{entry.id} {n_tokens} tokens, bound {BOUND}, kv_bits={kv_bits}: "
+        f"{measured} bytes, limit {limit:.0f}"
+    )
+    assert measured == pytest.approx(limit, rel=1e-9)

@@ -76,6 +76,21 @@ def remember_origin(model: Any, caches: list[Any]) -> None:
             pass
 
 
+_BOUNDED = "_mlx_lm_ext_bounds_full_attention"
+
+
+def mark_bounded(cache: Any) -> Any:
+    """Record that a RotatingKVCache bounds a full-attention layer (max_kv_size), not a
+    sliding window: `--keep-sliding-kv` keeps windows at full precision, never the bound.
+    An attribute, not a weak map, so the mark survives the server's copies of the cache."""
+    setattr(cache, _BOUNDED, True)
+    return cache
+
+
+def is_bounded(cache: Any) -> bool:
+    return getattr(cache, _BOUNDED, False)
+
+
 def origin(cache: Any) -> str:
     try:
         return _origin.get(cache, "unknown model")

@@ -10,7 +10,7 @@ from mlx_lm import server
 from mlx_lm.models import base, cache
 
 import mlx_lm_ext
-from mlx_lm_ext import layout
+from mlx_lm_ext import KVSettings, layout
 from mlx_lm_ext.fixes import FIXES
 
 generate = importlib.import_module("mlx_lm.generate")
@@ -92,6 +92,26 @@ def test_max_kv_size_bounds_every_layout():
     assert layout.describe(bounded) == ["sliding", "sliding", "sliding", "recurrent"]
     assert [c.max_size for c in bounded[:3]] == [128, 128, 64]
     assert layout.describe(cache.make_prompt_cache(Model())) == ["kv", "sliding", "sliding", "recurrent"]
+
+
+def test_keep_sliding_kv_keeps_windows_but_quantizes_the_max_kv_size_bound():
+    import copy
+
+    import mlx.core as mx
+
+    class Model:
+        model_type = "probe"
+        layers = [None] * 2
+
+        def make_cache(self):
+            return [cache.KVCache(), cache.RotatingKVCache(max_size=64)]
+
+    mlx_lm_ext.apply(KVSettings(quantize_sliding=False))
+    caches = copy.deepcopy(cache.make_prompt_cache(Model(), max_kv_size=128))  # the server copies
+    for c in caches:
+        c.update_and_fetch(mx.zeros((1, 1, 8, 64)), mx.zeros((1, 1, 8, 64)))
+    generate.maybe_quantize_kv_cache(caches, 0, 64, 8)
+    assert layout.describe(caches) == ["quantized-sliding", "sliding"]
 
 
 def test_cache_list_is_walked_and_recurrent_state_kept():

@@ -46,7 +46,7 @@ def quantize_layer(cache: Any, start: int, group_size: int, bits: int, sliding: 
     if kind == layout.FULL:
         return _convert(cache, start, group_size, bits), None
     if kind == layout.SLIDING:
-        if not sliding:
+        if not sliding and not layout.is_bounded(cache):
             return cache, f"sliding window ({cache.max_size} tokens) kept at full precision"
         return _convert(cache, start, group_size, bits), None
     if kind == layout.LIST:

@@ -29,7 +29,7 @@ def bound_layer(cache: Any, bound: int, model: str) -> Any:
 
     kind = layout.classify(cache, model)
     if kind == layout.FULL:
-        return RotatingKVCache(max_size=bound, keep=KEEP)
+        return layout.mark_bounded(RotatingKVCache(max_size=bound, keep=KEEP))
     if kind == layout.SLIDING:
         if cache.max_size <= bound:
             return cache
@@ -49,6 +49,8 @@ def make_prompt_cache(model: Any, max_kv_size: int | None = None) -> list[Any]:
     if bound is not None and hasattr(model, "make_cache"):
         name = layout.model_name(model)
         caches = [bound_layer(c, bound, name) for c in caches]
+    elif bound is not None:  # upstream bounded every layer itself: all are full attention
+        caches = [layout.mark_bounded(c) for c in caches]
     layout.remember_origin(model, caches)
     return caches
 

@@ -28,30 +28,32 @@ _original = None
 
 
 def quantized_attention(queries, q_keys, q_values, scale, mask, group_size, bits, sinks=None):
-    """Attention over quantized keys/values, GQA-aware, with optional sinks."""
+    """Attention over quantized keys/values, GQA-aware, with optional sinks.
+
+    The query heads that share a KV head are folded into the query length, so each
+    quantized matmul reads the cache once; broadcasting the cache over them instead (as
+    upstream does) makes MLX copy the packed keys and values once per query head (a 32K
+    gemma-3 decode step peaked at 115 MiB against 72 for fp16).
+    """
     dtype = queries.dtype
     queries, q_keys, q_values = _float32(queries), _float32_triple(q_keys), _float32_triple(q_values)
     B, n_q_heads, L, D = queries.shape
     n_kv_heads = q_keys[0].shape[-3]
     n_repeats = n_q_heads // n_kv_heads
-    queries = queries * scale
-    if n_repeats > 1:
-        queries = mx.reshape(queries, (B, n_kv_heads, n_repeats, L, D))
-        q_keys = tuple(mx.expand_dims(x, -3) for x in q_keys)
-        q_values = tuple(mx.expand_dims(x, -3) for x in q_values)
+    queries = mx.reshape(queries * scale, (B, n_kv_heads, n_repeats * L, D))
     scores = mx.quantized_matmul(queries, *q_keys, transpose=True, group_size=group_size, bits=bits)
-    scores = _apply_mask(scores, mask, n_repeats)
+    scores = mx.reshape(scores, (B, n_kv_heads, n_repeats, L, -1))
+    scores = _apply_mask(scores, mask)
     if sinks is not None:
-        sink = sinks.astype(scores.dtype).reshape(scores.shape[1:-2] + (1, 1))
+        sink = sinks.astype(scores.dtype).reshape((n_kv_heads, n_repeats, 1, 1))
         sink = mx.broadcast_to(sink, scores.shape[:-1] + (1,))
         scores = mx.concatenate([scores, sink], axis=-1)
     probs = mx.softmax(scores, axis=-1, precise=True)
     if sinks is not None:
         probs = probs[..., :-1]
+    probs = mx.reshape(probs, (B, n_kv_heads, n_repeats * L, -1))
     out = mx.quantized_matmul(probs, *q_values, transpose=False, group_size=group_size, bits=bits)
-    if n_repeats > 1:
-        out = mx.reshape(out, (B, n_q_heads, L, -1))
-    return out.astype(dtype)
+    return mx.reshape(out, (B, n_q_heads, L, -1)).astype(dtype)
 
 
 def _float32(x: mx.array) -> mx.array:
@@ -63,13 +65,14 @@ def _float32_triple(t):
     return (t[0], *(_float32(x) for x in t[1:]))
 
 
-def _apply_mask(scores, mask, n_repeats):
+def _apply_mask(scores, mask):
+    """scores: (B, kv_heads, repeats, L, T); mask: "causal", (L, T) or (B, heads, L, T)."""
     if mask is None:
         return scores
     if isinstance(mask, str):
         q_len, k_len = scores.shape[-2:]
         mask = mx.arange(k_len - q_len, k_len)[:, None] >= mx.arange(k_len)[None]
-    if n_repeats > 1 and mask.ndim > 3:
+    if mask.ndim > 3:
         mask = mx.expand_dims(mask, -3)
     if mask.dtype == mx.bool_:
         return mx.where(mask, scores, mx.finfo(scores.dtype).min)

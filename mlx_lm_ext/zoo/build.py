@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -115,16 +115,22 @@ def ensure_built(entry: ModelEntry, seed: int = 0, home: Path | None = None) -> 
 
     Returns the snapshot revision. Safe to call from parallel test workers.
     """
+    return ensure_snapshot(
+        repo_id(entry), revision(entry, seed), lambda folder: _build(entry, folder, seed), home
+    )
+
+
+def ensure_snapshot(repo: str, rev: str, build: Callable[[Path], Any], home: Path | None = None) -> str:
+    """Run `build(folder)` into the local hub cache as `repo`@`rev` unless it is there."""
     home = home or cache_home()
-    rev = revision(entry, seed)
-    repo_dir = home / ("models--" + repo_id(entry).replace("/", "--"))
+    repo_dir = home / ("models--" + repo.replace("/", "--"))
     snapshot = repo_dir / "snapshots" / rev
     with _locked(repo_dir / ".build.lock"):
         if not (snapshot / "model.safetensors").exists():
-            log.info("building offline %s (%s) into %s", entry.id, entry.model_type, snapshot)
+            log.info("building offline %s into %s", repo, snapshot)
             tmp = Path(tempfile.mkdtemp(dir=repo_dir, prefix=".tmp-"))
             try:
-                _build(entry, tmp / "model", seed)
+                build(tmp / "model")
                 snapshot.parent.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(snapshot, ignore_errors=True)
                 (tmp / "model").rename(snapshot)

@@ -7,16 +7,43 @@ with `local_files_only=True`. Callers then load the folder with the real `mlx_lm
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict
 from pathlib import Path
 
-from .build import cache_home, ensure_built, repo_id
+from .build import ORG, cache_home, ensure_built, ensure_snapshot, offline_config, repo_id, revision
 from .catalog import ModelEntry
+from .recall import CONSTRUCTION, SUPPORTED, RecallSpec, RecallUnsupported, write_recall_model
 
 TIERS = ("offline", "hub")
 
 
 class HubUnavailable(RuntimeError):
     """The hub could not be reached; hub-tier tests skip with this reason."""
+
+
+def resolve_recall(entry: ModelEntry, spec: RecallSpec | None = None) -> Path:
+    """The entry's constructed recall model (zoo/recall.py), built into the local cache."""
+    from huggingface_hub import snapshot_download
+
+    spec = spec or RecallSpec()
+    if entry.model_type not in SUPPORTED:
+        raise RecallUnsupported(
+            f"{entry.id}: no recall construction for {entry.model_type} yet (have: {', '.join(SUPPORTED)})"
+        )
+    repo = f"{ORG}/recall-{entry.id}"
+    config = offline_config(entry, 0)
+    (config["text_config"] if "text_config" in config else config).update(entry.recall.get("config", {}))
+    key = {"config": config, "dtype": entry.offline_dtype, "spec": asdict(spec), "builder": CONSTRUCTION}
+    key["base"] = revision(entry, spec.seed)
+    rev = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+    def build(folder: Path) -> None:
+        write_recall_model(folder, config, spec, entry.offline_dtype)
+
+    ensure_snapshot(repo, rev, build)
+    return Path(snapshot_download(repo, revision=rev, cache_dir=str(cache_home()), local_files_only=True))
 
 
 def resolve(entry: ModelEntry, tier: str = "offline", seed: int = 0) -> Path:

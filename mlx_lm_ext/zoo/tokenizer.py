@@ -51,6 +51,12 @@ def build_tokenizer() -> Tokenizer:
 def write_tokenizer(folder: Path) -> int:
     """Write the tokenizer files into a model folder; returns the vocabulary size."""
     tok = build_tokenizer()
+    save_tokenizer(folder, tok, CHAT_TEMPLATE)
+    return tok.get_vocab_size()
+
+
+def save_tokenizer(folder: Path, tok: Tokenizer, chat_template: str | None = None) -> None:
+    """tokenizer.json plus the config files transformers reads, with our special tokens."""
     tok.save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -59,13 +65,13 @@ def write_tokenizer(folder: Path) -> int:
         "pad_token": PAD,
         "add_bos_token": False,
         "model_max_length": 1_000_000,
-        "chat_template": CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
     }
+    if chat_template:
+        config["chat_template"] = chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    return tok.get_vocab_size()
 
 
 def special_token_ids(tok: Tokenizer) -> dict[str, int]:

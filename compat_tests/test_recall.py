@@ -1,0 +1,104 @@
+"""Long-context recall: facts up front, questions after long filler, past quantized_kv_start.
+
+One test code, two tiers. Offline, the model is the entry's constructed recall model
+(mlx_lm_ext/zoo/recall.py: exact associative recall written into the real architecture);
+on the hub tier it is the real model, asked in words. Answers go through mlx-lm's own
+stream_generate on a cache prefilled and quantized as generate_step does it.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import DELIVERY, expect_upstream
+from test_server import Server, _request
+
+from mlx_lm_ext.settings import KVSettings
+from mlx_lm_ext.zoo import RecallSpec, RecallUnsupported, resolve, resolve_recall
+from mlx_lm_ext.zoo.recall import constructed_task, recall, worded_task
+
+BITS = [None, 8, 4]
+CONTEXTS = [1024, 4096, *(pytest.param(n, marks=pytest.mark.slow) for n in (16384, 32768))]
+_loaded: dict = {}
+
+
+def _spec(entry) -> RecallSpec:
+    return RecallSpec(margin=float(entry.recall["margin"]))
+
+
+@pytest.fixture(scope="session")
+def recall_path(entry, tier):
+    from conftest import MLX_LM_VERSION
+
+    if not entry.supported_by(MLX_LM_VERSION):
+        pytest.skip(f"{entry.model_type} needs mlx-lm >= {entry.min_mlx_lm}; installed {MLX_LM_VERSION}")
+    if tier == "hub":
+        from mlx_lm_ext.zoo import HubUnavailable
+
+        try:
+            return resolve(entry, "hub")
+        except HubUnavailable as exc:
+            pytest.skip(str(exc))
+    try:
+        return resolve_recall(entry, _spec(entry))
+    except RecallUnsupported as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def recall_model(recall_path):
+    from mlx_lm import load
+
+    if recall_path not in _loaded:
+        _loaded[recall_path] = load(str(recall_path))
+    return _loaded[recall_path]
+
+
+def _task(entry, tier, tokenizer, context):
+    if tier == "hub":
+        return worded_task(tokenizer, context)
+    return constructed_task(_spec(entry), tokenizer, context)
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+@pytest.mark.parametrize("kv_bits", BITS, ids=["fp16", "8bit", "4bit"])
+def test_facts_are_recalled_after_long_filler(
+    entry, tier, recall_model, context, kv_bits, request, record_property
+):
+    contexts = entry.recall["contexts"] + entry.recall["slow_contexts"]
+    if tier == "hub":
+        contexts = entry.recall["hub_contexts"]
+    if context not in contexts:
+        pytest.skip(f"{entry.id}: context {context} not in models.yaml recall contexts {contexts}")
+    mark = expect_upstream(entry, kv_bits, quantizes=True)
+    if mark:
+        request.applymarker(mark)
+    model, tokenizer = recall_model
+    prefix, questions = _task(entry, tier, tokenizer, context)
+    start = min(512, context // 2)  # the facts (first tokens) are quantized with the rest
+    settings = KVSettings(kv_bits=kv_bits, quantized_kv_start=start)
+    result = recall(model, tokenizer, prefix, questions, settings, max_tokens=1 if tier == "offline" else 12)
+    bits = kv_bits or 16
+    for key, value in (("recall_model", entry.id), ("recall_tier", tier), ("recall_context", context)):
+        record_property(key, value)
+    record_property("recall_bits", bits)
+    record_property("recall_rate", result.rate)
+    print(f"\n{entry.id} {tier} {context} tokens kv_bits={bits}: recall {result.correct}/{result.total}")
+    assert result.rate >= entry.recall["min_rate"][bits], f"missed: {result.wrong}"
+
+
+@pytest.mark.skipif(DELIVERY != "monkeypatch", reason="runs the patched server")
+def test_patched_server_recalls_with_8bit_kv(entry, tier, recall_path, recall_model, tmp_path):
+    """The recall model served by `python -m mlx_lm_ext.server --kv-bits 8` answers over HTTP."""
+    context = 16384 if tier == "hub" else 1024
+    _, tokenizer = recall_model
+    prefix, questions = _task(entry, tier, tokenizer, context)
+    server = Server(recall_path, ["--kv-bits", "8", "--quantized-kv-start", "256"], tmp_path / "server.log")
+    try:
+        for ids, answer in questions[:4]:
+            body = {"prompt": tokenizer.decode(prefix + ids), "max_tokens": 12, "temperature": 0.0}
+            status, raw = _request(server.port, "/v1/completions", body)
+            assert status == 200, raw
+            assert answer in raw, f"{answer!r} not in {raw[:300]}"
+        assert "kv_bits=8 quantizes layers" in server.output()
+    finally:
+        server.stop()

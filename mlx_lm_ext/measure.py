@@ -1,0 +1,77 @@
+"""Long caches without long prefills: what the memory tests, benchmarks and report share.
+
+Bytes and decode speed depend on the shapes a cache holds, not on the values: a real
+prefill of the first tokens fixes each layer's key/value shapes, then random keys and
+values of those shapes go straight into each layer's own `update_and_fetch`, which is
+all a cache ever sees of a model. A 32K-token cache of a stand-in takes a second this
+way, against minutes of bf16 attention on a CPU. Quality is never measured on such a
+cache: `quality.decode_logprobs` runs real tokens.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Any
+
+import mlx.core as mx
+
+from . import layout
+from .settings import KVSettings
+
+
+def attention_layers(cache: list[Any]) -> list[Any]:
+    """Every cache object that holds keys and values, CacheList contents included."""
+    out = []
+    for layer in cache:
+        if hasattr(layer, "caches"):
+            out += attention_layers(layer.caches)
+        elif layout.classify(layer) != layout.RECURRENT:
+            out.append(layer)
+    return out
+
+
+def _random(like: mx.array, n: int) -> mx.array:
+    b, h, _, d = like.shape
+    return mx.random.normal((b, h, n, d)).astype(like.dtype)
+
+
+def filled_cache(model: Any, n_tokens: int, settings: KVSettings, prefill: int = 512) -> list[Any]:
+    """The model's prompt cache under `settings`, holding n_tokens (see module docstring).
+
+    The first `prefill` tokens run through the model; the cache is then quantized as
+    generation does it (from `settings.start`), and the rest arrive as random keys and
+    values in chunks of `prefill`, the last token alone so that a ring trims there.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    generate = importlib.import_module("mlx_lm.generate")
+    cache = make_prompt_cache(model, max_kv_size=settings.max_kv_size)
+    tokens = [(i * 7919) % 500 + 5 for i in range(min(prefill, n_tokens))]
+    model(mx.array(tokens)[None], cache=cache)
+    shapes = [(c.keys[..., :1, :], c.values[..., :1, :]) for c in attention_layers(cache)]
+
+    def quantize():
+        generate.maybe_quantize_kv_cache(cache, settings.start, settings.kv_group_size, settings.kv_bits)
+
+    quantize()
+    done = len(tokens)
+    while done < n_tokens:
+        n = min(prefill, n_tokens - done - 1) or 1
+        for c, (k, v) in zip(attention_layers(cache), shapes, strict=True):
+            c.update_and_fetch(_random(k, n), _random(v, n))
+        mx.eval([c.state for c in cache])
+        done += n
+        quantize()
+    return cache
+
+
+def decode_rate(model: Any, cache: list[Any], steps: int = 32, warmup: int = 2) -> float:
+    """Tokens per second of one-token decode steps through the model on this cache."""
+    token = mx.array([[7]])
+    for _ in range(warmup):
+        mx.eval(model(token, cache=cache))
+    tic = time.perf_counter()
+    for _ in range(steps):
+        mx.eval(model(token, cache=cache))
+    return steps / (time.perf_counter() - tic)
