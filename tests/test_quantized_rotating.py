@@ -97,3 +97,28 @@ def test_trim_and_bytes():
     # 20 tokens x 2 heads, keys and values: 64 bytes of 8-bit data + float32 scale and bias
     per_token = 2 * 2 * (64 + 2 * 4 * 64 // 64)
     assert quant.nbytes == 20 * per_token
+
+
+def test_server_lru_prompt_cache_stores_fetches_and_trims_it():
+    """The server's LRUPromptCache (mlx-lm 0.32+) reuses a quantized ring like any cache."""
+    cache_mod = pytest.importorskip("mlx_lm.models.cache")
+    if not hasattr(cache_mod, "LRUPromptCache"):
+        pytest.skip("this mlx-lm release has no LRUPromptCache")
+    tokens = list(range(40))
+    ref, quant = _feed([30, 1, 1, 8], max_size=64, keep=4, bits=8)
+    lru = cache_mod.LRUPromptCache(max_size=4)
+    lru.insert_cache("m", tokens, [quant])
+    assert lru.nbytes == quant.nbytes > 0
+
+    # a longer prompt with the cached one as prefix: the cache is reused, rest to prefill
+    (got,), rest = lru.fetch_nearest_cache("m", tokens + [77, 78])
+    assert rest == [77, 78] and got.offset == 40 and got is not quant
+
+    # a prompt that diverges at token 25: the stored ring is copied and trimmed to 25
+    (got,), rest = lru.fetch_nearest_cache("m", tokens[:25] + [99, 98])
+    assert got.offset == 25 and rest == [99, 98]
+    ref.trim(15)
+    k_ref = ref.keys[..., : ref.offset, :]
+    k_got = mx.dequantize(*(x[..., : got.offset, :] for x in got.keys), group_size=64, bits=8)
+    assert mx.abs(k_got - k_ref).max().item() < TOL[8]
+    assert quant.offset == 40  # the stored entry is untouched

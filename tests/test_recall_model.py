@@ -45,5 +45,5 @@ def test_recall_is_exact_with_margin_and_fails_without():
 
 
 def test_architectures_without_a_construction_are_refused_by_name():
-    with pytest.raises(RecallUnsupported, match="gpt_oss"):
-        resolve_recall(get_entry("gpt-oss"))
+    with pytest.raises(RecallUnsupported, match="gemma-4-e2b: no recall construction for gemma4_text"):
+        resolve_recall(get_entry("gemma-4-e2b"))
