@@ -59,10 +59,15 @@ def tier(request):
     return tier
 
 
-@pytest.fixture(scope="session")
-def model_path(entry, tier):
+def skip_unless_supported(entry) -> None:
+    """Skip, with the reason, where the installed release lacks the entry's architecture."""
     if not entry.supported_by(MLX_LM_VERSION):
         pytest.skip(f"{entry.model_type} needs mlx-lm >= {entry.min_mlx_lm}; installed {MLX_LM_VERSION}")
+
+
+@pytest.fixture(scope="session")
+def model_path(entry, tier):
+    skip_unless_supported(entry)
     try:
         return resolve(entry, tier)
     except HubUnavailable as exc:
@@ -72,14 +77,18 @@ def model_path(entry, tier):
 _loaded: dict = {}
 
 
-@pytest.fixture(scope="session")
-def loaded(model_path):
-    """(model, tokenizer) through the real mlx_lm.load, once per model per session."""
+def load_once(path):
+    """(model, tokenizer) through the real mlx_lm.load, once per folder per session."""
     from mlx_lm import load
 
-    if model_path not in _loaded:
-        _loaded[model_path] = load(str(model_path))
-    return _loaded[model_path]
+    if path not in _loaded:
+        _loaded[path] = load(str(path))
+    return _loaded[path]
+
+
+@pytest.fixture(scope="session")
+def loaded(model_path):
+    return load_once(model_path)
 
 
 def upstream_failure(entry, kv_bits, quantizes: bool, bounded: bool = False) -> str | None:

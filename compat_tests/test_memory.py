@@ -23,7 +23,6 @@ def affine_ratio(bits: int, group: int, dtype_bits: int) -> float:
 
 
 def _cache_after_prefill(model, kv_bits):
-
     from mlx_lm.models.cache import make_prompt_cache
 
     generate = importlib.import_module("mlx_lm.generate")

@@ -9,16 +9,15 @@ stream_generate on a cache prefilled and quantized as generate_step does it.
 from __future__ import annotations
 
 import pytest
-from conftest import DELIVERY, expect_upstream
+from conftest import DELIVERY, expect_upstream, load_once, skip_unless_supported
 from test_server import Server, _request
 
 from mlx_lm_ext.settings import KVSettings
-from mlx_lm_ext.zoo import RecallSpec, RecallUnsupported, resolve, resolve_recall
+from mlx_lm_ext.zoo import RecallSpec, RecallUnsupported, resolve_recall
 from mlx_lm_ext.zoo.recall import constructed_task, recall, worded_task
 
 BITS = [None, 8, 4]
 CONTEXTS = [1024, 4096, *(pytest.param(n, marks=pytest.mark.slow) for n in (16384, 32768))]
-_loaded: dict = {}
 
 
 def _spec(entry) -> RecallSpec:
@@ -26,18 +25,10 @@ def _spec(entry) -> RecallSpec:
 
 
 @pytest.fixture(scope="session")
-def recall_path(entry, tier):
-    from conftest import MLX_LM_VERSION
-
-    if not entry.supported_by(MLX_LM_VERSION):
-        pytest.skip(f"{entry.model_type} needs mlx-lm >= {entry.min_mlx_lm}; installed {MLX_LM_VERSION}")
-    if tier == "hub":
-        from mlx_lm_ext.zoo import HubUnavailable
-
-        try:
-            return resolve(entry, "hub")
-        except HubUnavailable as exc:
-            pytest.skip(str(exc))
+def recall_path(entry, tier, request):
+    if tier == "hub":  # the real model answers in words
+        return request.getfixturevalue("model_path")
+    skip_unless_supported(entry)
     try:
         return resolve_recall(entry, _spec(entry))
     except RecallUnsupported as exc:
@@ -46,11 +37,7 @@ def recall_path(entry, tier):
 
 @pytest.fixture(scope="session")
 def recall_model(recall_path):
-    from mlx_lm import load
-
-    if recall_path not in _loaded:
-        _loaded[recall_path] = load(str(recall_path))
-    return _loaded[recall_path]
+    return load_once(recall_path)
 
 
 def _task(entry, tier, tokenizer, context):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from dataclasses import replace
 from typing import Any
 
 import mlx.core as mx
@@ -36,33 +37,47 @@ def _random(like: mx.array, n: int) -> mx.array:
     return mx.random.normal((b, h, n, d)).astype(like.dtype)
 
 
-def filled_cache(model: Any, n_tokens: int, settings: KVSettings, prefill: int = 512) -> list[Any]:
-    """The model's prompt cache under `settings`, holding n_tokens (see module docstring).
+def quantize(cache: list[Any], settings: KVSettings) -> None:
+    """Quantize the cache as generate_step does after each chunk and step."""
+    generate = importlib.import_module("mlx_lm.generate")
+    generate.maybe_quantize_kv_cache(cache, settings.start, settings.kv_group_size, settings.kv_bits)
 
-    The first `prefill` tokens run through the model; the cache is then quantized as
-    generation does it (from `settings.start`), and the rest arrive as random keys and
-    values in chunks of `prefill`, the last token alone so that a ring trims there.
+
+def prefill(model: Any, ids: list[int], settings: KVSettings, step: int = 512) -> list[Any]:
+    """The model's prompt cache after `ids`, in chunks of `step`, quantized after each.
+
+    Chunks of 512 rather than generate_step's 2048: sliding layers then attend over at
+    most window + 512 keys per chunk, which is what keeps a CPU prefill short.
     """
     from mlx_lm.models.cache import make_prompt_cache
 
-    generate = importlib.import_module("mlx_lm.generate")
     cache = make_prompt_cache(model, max_kv_size=settings.max_kv_size)
-    tokens = [(i * 7919) % 500 + 5 for i in range(min(prefill, n_tokens))]
-    model(mx.array(tokens)[None], cache=cache)
+    for i in range(0, len(ids), step):
+        model(mx.array(ids[i : i + step])[None], cache=cache)
+        quantize(cache, settings)
+        mx.eval([c.state for c in cache])
+    return cache
+
+
+def filled_cache(model: Any, n_tokens: int, settings: KVSettings, prefill_tokens: int = 512) -> list[Any]:
+    """The model's prompt cache under `settings`, holding n_tokens (see module docstring).
+
+    The first `prefill_tokens` run through the model (and the cache is quantized as
+    generation does it, from `settings.start`); the rest arrive as random keys and values
+    in chunks of that size, the last token alone so that a ring trims there.
+    """
+    tokens = [(i * 7919) % 500 + 5 for i in range(min(prefill_tokens, n_tokens))]
+    cache = prefill(model, tokens, replace(settings, kv_bits=None), step=len(tokens))
     shapes = [(c.keys[..., :1, :], c.values[..., :1, :]) for c in attention_layers(cache)]
-
-    def quantize():
-        generate.maybe_quantize_kv_cache(cache, settings.start, settings.kv_group_size, settings.kv_bits)
-
-    quantize()
+    quantize(cache, settings)  # after reading the unquantized shapes
     done = len(tokens)
     while done < n_tokens:
-        n = min(prefill, n_tokens - done - 1) or 1
+        n = min(prefill_tokens, n_tokens - done - 1) or 1
         for c, (k, v) in zip(attention_layers(cache), shapes, strict=True):
             c.update_and_fetch(_random(k, n), _random(v, n))
         mx.eval([c.state for c in cache])
         done += n
-        quantize()
+        quantize(cache, settings)
     return cache
 
 

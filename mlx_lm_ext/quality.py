@@ -8,7 +8,6 @@ decode path (one token at a time) that generation uses after the prompt.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,20 +31,14 @@ def decode_logprobs(model: Any, tokens: list[int], prefill: int, settings: KVSet
     The cache is built and quantized exactly as generate_step does it: the patched
     factory (max_kv_size) and maybe_quantize_kv_cache after the prefill and each step.
     """
-    from mlx_lm.models.cache import make_prompt_cache
+    from .measure import prefill as run_prefill
+    from .measure import quantize
 
-    generate = importlib.import_module("mlx_lm.generate")
-    cache = make_prompt_cache(model, max_kv_size=settings.max_kv_size)
-
-    def quantize():
-        generate.maybe_quantize_kv_cache(cache, settings.start, settings.kv_group_size, settings.kv_bits)
-
-    model(mx.array(tokens[:prefill])[None], cache=cache)
-    quantize()
+    cache = run_prefill(model, tokens[:prefill], settings, step=prefill)
     out = []
     for t in tokens[prefill:]:
         logits = model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32)
-        quantize()
+        quantize(cache, settings)
         out.append(logits - mx.logsumexp(logits))
         mx.eval(out[-1])
     return mx.stack(out)

@@ -221,9 +221,10 @@ def construct_weights(model: Any, spec: RecallSpec, vocab: Vocab) -> dict[str, n
     weights[_find(weights, "lm_head.weight")] = _head(spec, vocab, hidden)
     layer = retrieval_layer(model)
     attn = model.layers[layer].self_attn
+    prefix = _find(weights, f"layers.{layer}.self_attn.q_proj.weight").removesuffix("q_proj.weight")
     _write_attention(
         weights,
-        f"{_find(weights, f'layers.{layer}.self_attn.q_proj.weight')[: -len('q_proj.weight')]}",
+        prefix,
         attn,
         spec,
         hidden,
@@ -319,26 +320,6 @@ class RecallResult:
         return self.correct / self.total
 
 
-def prefill(model: Any, ids: list[int], settings: Any, step: int = 512) -> list[Any]:
-    """The prompt cache after `ids`, chunked and quantized as generate_step does it.
-
-    Chunks of 512 rather than generate_step's 2048: sliding layers then attend over at
-    most window + 512 keys per chunk, which is what keeps a CPU prefill short.
-    """
-    import importlib
-
-    import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
-
-    generate = importlib.import_module("mlx_lm.generate")
-    cache = make_prompt_cache(model, max_kv_size=settings.max_kv_size)
-    for i in range(0, len(ids), step):
-        model(mx.array(ids[i : i + step])[None], cache=cache)
-        generate.maybe_quantize_kv_cache(cache, settings.start, settings.kv_group_size, settings.kv_bits)
-        mx.eval([c.state for c in cache])
-    return cache
-
-
 def ask(
     model: Any, tokenizer: Any, cache: list[Any], question: list[int], settings: Any, max_tokens: int
 ) -> str:
@@ -371,6 +352,8 @@ def recall(
     max_tokens: int = 1,
 ) -> RecallResult:
     """Ask every question after one shared prefix; an answer counts when it contains the fact."""
+    from ..measure import prefill
+
     cache = prefill(model, prefix, settings)
     wrong = []
     for ids, expected in questions:
