@@ -1,41 +1,41 @@
-"""Sessions: compat (the release matrix), tests (unit), lint.
+"""Sessions: compat (the release matrix), tests (unit), lint, patches (the upstream series).
 
 nox -s compat                    every release x every models.yaml family, offline tier
 nox -s compat -- gemma-4         only ids matching gemma-4 (other args go to pytest)
 nox -s "compat(mlx_lm='0.31.3')" -- gemma-3 -m "not slow"
 MLX_LM_EXT_DELIVERY=upstream nox -s compat   the same tests on unpatched mlx-lm
+nox -s patches                   apply patches/ to the newest release's sdist and prove it
+nox -s patches -- --release 0.31.3   which patches apply to another release (then prove it)
 """
 
 from __future__ import annotations
 
+import importlib.util
 import platform
+from pathlib import Path
 
 import nox
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["lint", "tests", "compat"]  # baseline runs on demand
 
-# mlx-lm release -> the mlx release it is tested with (the newest of the mlx series the
-# release was built against; on Linux mlx-lm does not depend on mlx, so we pin it).
-RELEASES = {
-    "0.32.2": "0.32.4",  # newest; server has --kv-bits (0.32.0+)
-    "0.31.3": "0.31.2",  # last release without server kv flags; has gemma4_text (0.31.2+)
-    "0.30.7": "0.30.6",  # first with qwen3_5_moe
-    "0.29.1": "0.29.4",  # newest release that installs with transformers 4.x
-}
-# Releases before 0.30 require transformers>=4.39 but were never run against 5.x.
-TRANSFORMERS = {"0.29.1": "transformers>=4.39,<5"}
-PROJECT_DEPS = ["pyyaml>=6", "huggingface-hub>=0.24", "tokenizers>=0.19", "pytest>=8", "pytest-xdist>=3"]
+
+def _load_releases():
+    """mlx_lm_ext/releases.py by path: nox's own environment has no mlx to import the package."""
+    path = Path(__file__).parent / "mlx_lm_ext" / "releases.py"
+    spec = importlib.util.spec_from_file_location("mlx_lm_ext_releases", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _mlx(version: str) -> str:
-    return f"mlx[cpu]=={version}" if platform.system() == "Linux" else f"mlx=={version}"
+releases = _load_releases()
+RELEASES = releases.RELEASES
 
 
 def _install_release(session: nox.Session, mlx_lm: str) -> None:
     """One mlx-lm release, its mlx, and this project without touching either."""
-    extra = [TRANSFORMERS[mlx_lm]] if mlx_lm in TRANSFORMERS else []
-    session.install(_mlx(RELEASES[mlx_lm]), f"mlx-lm=={mlx_lm}", *extra, *PROJECT_DEPS)
+    session.install(f"mlx-lm=={mlx_lm}", *releases.release_requirements(mlx_lm, platform.system()))
     session.install("--no-deps", "-e", ".")
 
 
@@ -80,3 +80,10 @@ def baseline(session: nox.Session, mlx_lm: str) -> None:
     _install_release(session, mlx_lm)
     out = f"benchmarks/results/baseline/{mlx_lm}.json"
     session.run("python", "benchmarks/baseline.py", "run", "--json", out, *session.posargs)
+
+
+@nox.session
+def patches(session: nox.Session) -> None:
+    """The patch series: check, apply, upstream's tests before/after, compat suite both ways."""
+    _install_release(session, releases.NEWEST)
+    session.run("python", "-m", "mlx_lm_ext.patches", "apply", *session.posargs)

@@ -7,6 +7,9 @@ Environment:
   MLX_LM_EXT_DELIVERY=monkeypatch (default) applies mlx_lm_ext's fixes;
   MLX_LM_EXT_DELIVERY=upstream runs unpatched mlx-lm, where known upstream failures are
   strict xfails, so a release that fixes one flips the test.
+  MLX_LM_EXT_DELIVERY=patches applies no monkeypatch and serves with `mlx_lm.server`:
+  for an mlx-lm built from patches/ (python -m mlx_lm_ext.patches apply), where every
+  test must pass exactly as with the monkeypatches.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ import mlx_lm_ext
 from mlx_lm_ext import layout
 from mlx_lm_ext.zoo import HubUnavailable, load_catalog, resolve, select
 
+DELIVERIES = ("monkeypatch", "upstream", "patches")
 DELIVERY = os.environ.get("MLX_LM_EXT_DELIVERY", "monkeypatch")
+# The server a delivery runs: ours (monkeypatches applied) or the installed mlx-lm's own.
+SERVER_MODULE = "mlx_lm.server" if DELIVERY == "patches" else "mlx_lm_ext.server"
+SERVES_KV_FLAGS = DELIVERY != "upstream"
 MLX_LM_VERSION = version("mlx-lm")
 NYI = "RotatingKVCache Quantization NYI"
 
@@ -32,8 +39,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    if DELIVERY not in ("monkeypatch", "upstream"):
-        raise pytest.UsageError(f"MLX_LM_EXT_DELIVERY={DELIVERY!r}: use monkeypatch or upstream")
+    if DELIVERY not in DELIVERIES:
+        raise pytest.UsageError(f"MLX_LM_EXT_DELIVERY={DELIVERY!r}: use one of {', '.join(DELIVERIES)}")
 
 
 def pytest_generate_tests(metafunc):

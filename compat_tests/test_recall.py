@@ -9,7 +9,7 @@ stream_generate on a cache prefilled and quantized as generate_step does it.
 from __future__ import annotations
 
 import pytest
-from conftest import DELIVERY, expect_upstream, load_once, skip_unless_supported
+from conftest import SERVES_KV_FLAGS, expect_upstream, load_once, skip_unless_supported
 from test_server import Server, _request
 
 from mlx_lm_ext.settings import KVSettings
@@ -73,9 +73,9 @@ def test_facts_are_recalled_after_long_filler(
     assert result.rate >= entry.recall["min_rate"][bits], f"missed: {result.wrong}"
 
 
-@pytest.mark.skipif(DELIVERY != "monkeypatch", reason="runs the patched server")
+@pytest.mark.skipif(not SERVES_KV_FLAGS, reason="runs the patched server")
 def test_patched_server_recalls_with_8bit_kv(entry, tier, recall_path, recall_model, tmp_path):
-    """The recall model served by `python -m mlx_lm_ext.server --kv-bits 8` answers over HTTP."""
+    """The recall model served with `--kv-bits 8` (the delivery's server) answers over HTTP."""
     context = 16384 if tier == "hub" else 1024
     _, tokenizer = recall_model
     prefix, questions = _task(entry, tier, tokenizer, context)

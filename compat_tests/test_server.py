@@ -1,4 +1,8 @@
-"""The patched server, as a real process on 127.0.0.1, on every models.yaml family."""
+"""The patched server, as a real process on 127.0.0.1, on every models.yaml family.
+
+`python -m mlx_lm_ext.server` with the monkeypatches, or `python -m mlx_lm.server` of an mlx-lm
+built from patches/ (MLX_LM_EXT_DELIVERY=patches): the same requests, the same answers.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +18,13 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import DELIVERY
+from conftest import SERVER_MODULE, SERVES_KV_FLAGS
 
-import mlx_lm_ext
 from mlx_lm_ext import layout
 from mlx_lm_ext.fixes.server_kv_flags import add_missing_flags, settings_from_args
 from mlx_lm_ext.settings import head_dims
 
-pytestmark = pytest.mark.skipif(DELIVERY != "monkeypatch", reason="runs the patched server")
+pytestmark = pytest.mark.skipif(not SERVES_KV_FLAGS, reason="unpatched mlx-lm has no --max-kv-size")
 
 CONFIGS = {
     "kv8": ["--kv-bits", "8", "--quantized-kv-start", "0"],
@@ -57,7 +60,7 @@ class Server:
         cmd = [
             sys.executable,
             "-m",
-            "mlx_lm_ext.server",
+            SERVER_MODULE,
             "--model",
             str(model_path),
             "--port",
@@ -129,6 +132,7 @@ PROMPT = "The cache keeps the keys and the values of every token the model has s
 
 def test_text_completion_matches_in_process_generation(server, entry, loaded):
     from mlx_lm import stream_generate
+    from mlx_lm.models.cache import make_prompt_cache
 
     status, body = _completion(server, PROMPT)
     assert status == 200, body
@@ -139,24 +143,22 @@ def test_text_completion_matches_in_process_generation(server, entry, loaded):
     parser = argparse.ArgumentParser(add_help=False)
     add_missing_flags(parser)
     settings = settings_from_args(parser.parse_known_args(CONFIGS[server.config])[0])
-    previous = mlx_lm_ext.current()
-    mlx_lm_ext.configure(settings)
-    try:
-        model, tok = loaded
-        expected = "".join(
-            r.text
-            for r in stream_generate(
-                model,
-                tok,
-                PROMPT,
-                max_tokens=MAX_TOKENS,
-                kv_bits=settings.kv_bits,
-                kv_group_size=settings.kv_group_size,
-                quantized_kv_start=settings.start,
-            )
+    model, tok = loaded
+    # The bound goes in explicitly: with the patches delivery no process default exists.
+    cache = make_prompt_cache(model, max_kv_size=settings.max_kv_size)
+    expected = "".join(
+        r.text
+        for r in stream_generate(
+            model,
+            tok,
+            PROMPT,
+            max_tokens=MAX_TOKENS,
+            prompt_cache=cache,
+            kv_bits=settings.kv_bits,
+            kv_group_size=settings.kv_group_size,
+            quantized_kv_start=settings.start,
         )
-    finally:
-        mlx_lm_ext.configure(previous)
+    )
     assert reply["choices"][0]["text"] == expected
 
 
@@ -206,7 +208,7 @@ def test_bad_flag_exits_2_before_loading(flags, message, tmp_path):
     missing.mkdir()
     (missing / "config.json").write_text(json.dumps({"head_dim": 128, "num_attention_heads": 4}))
     proc = subprocess.run(
-        [sys.executable, "-m", "mlx_lm_ext.server", "--model", str(missing), *flags],
+        [sys.executable, "-m", SERVER_MODULE, "--model", str(missing), *flags],
         capture_output=True,
         text=True,
         timeout=120,
@@ -224,7 +226,7 @@ def test_group_size_not_dividing_head_dim_names_the_model(entry, model_path):
         [
             sys.executable,
             "-m",
-            "mlx_lm_ext.server",
+            SERVER_MODULE,
             "--model",
             str(model_path),
             "--kv-bits",

@@ -50,11 +50,13 @@ def _classes() -> list[tuple[type, str]]:
 
     from .caches import quantized_rotating
 
+    # Ours and, where mlx-lm carries the patch series, upstream's class of the same name.
     found = []
     for name, kind in _CLASS_KINDS:
-        cls = getattr(quantized_rotating, name, None) or getattr(cache_mod, name, None)
-        if cls is not None:
-            found.append((cls, kind))
+        for module in (quantized_rotating, cache_mod):
+            cls = getattr(module, name, None)
+            if cls is not None and (cls, kind) not in found:
+                found.append((cls, kind))
     return found
 
 

@@ -123,3 +123,37 @@ def test_cache_list_is_walked_and_recurrent_state_kept():
     caches = [cache.CacheList(kv, state)]
     generate.maybe_quantize_kv_cache(caches, 0, 64, 8)
     assert layout.describe(caches) == ["list(quantized,recurrent)"]
+
+
+def test_quantization_log_line_speaks_the_patch_series_words(caplog):
+    """The same layout and assertions as 0002-hybrid-quantize's upstream test."""
+    import mlx.core as mx
+
+    def filled(c, n=4):
+        x = mx.zeros((1, 1, n, 64))
+        c.update_and_fetch(x, x)
+        return c
+
+    mlx_lm_ext.apply()
+    recurrent = cache.ArraysCache(2)
+    caches = [
+        filled(cache.KVCache()),
+        filled(cache.RotatingKVCache(max_size=8)),
+        cache.CacheList(filled(cache.KVCache()), recurrent),
+        recurrent,
+        filled(cache.KVCache(), n=2),
+    ]
+    with caplog.at_level(logging.INFO, logger="mlx_lm_ext"):
+        generate.maybe_quantize_kv_cache(caches, quantized_kv_start=3, kv_group_size=64, kv_bits=8)
+        generate.maybe_quantize_kv_cache(caches, quantized_kv_start=3, kv_group_size=64, kv_bits=8)
+    lines = [r.getMessage() for r in caplog.records if "quantizes layers" in r.getMessage()]
+    assert len(lines) == 1, lines  # only the call that converts logs
+    assert "kv_bits=8 quantizes layers 0,1,4" in lines[0]
+    assert "keeps 2,3 (recurrent state" in lines[0]
+    assert layout.describe(caches) == [
+        "quantized",
+        "quantized-sliding",
+        "list(quantized,recurrent)",
+        "recurrent",
+        "kv",
+    ]

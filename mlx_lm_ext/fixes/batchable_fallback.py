@@ -4,7 +4,8 @@ Upstream: the server's batched path (BatchGenerator) never quantizes its caches;
 before 0.32.0 have no kv_bits check in `_is_batchable`, so with kv flags added they would
 batch and silently serve at 16 bits. Here such requests go through the sequential path,
 which quantizes, and the reason is logged once.
-Patch file: patches/0001-server-kv-flags-and-max-kv-size.patch.
+No patch file: mlx-lm 0.32.0 added the same check to `_is_batchable`, so the series
+(against 0.32.2) needs none; the batched quantized cache itself is mlx-lm-ext #7.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ know, and calls `RotatingKVCache.to_quantized`, which raises NYI (mlx-lm #1573, 
 Here every layer is classified: full attention is quantized, sliding-window layers are
 quantized too (or kept at full precision with `quantize_sliding=False`), recurrent
 (gated-delta / SSM) state is never quantized, CacheLists are walked, and an unknown class
-is an error naming the model and the class. The decision is logged once per layout.
+is an error naming the model and the class. Each conversion is logged in one line.
 Patch file: patches/0002-hybrid-quantize.patch.
 """
 
@@ -22,72 +22,65 @@ from .base import Fix, Patcher
 
 log = logging.getLogger("mlx_lm_ext")
 
-# Kinds that are never converted, with the reason that goes into the log line.
+# Kinds that are never converted, with the reason that goes into the log line (the same
+# words as patches/0002-hybrid-quantize.patch).
 KEPT = {
     layout.RECURRENT: "recurrent state, constant size",
     layout.QUANTIZED: "already quantized",
     layout.QUANTIZED_SLIDING: "already quantized",
     layout.CHUNKED: "chunked attention, bounded by its chunk",
     layout.CONCAT: "ConcatenateKVCache has no quantized form",
-    layout.BATCH: "batch caches are quantized by the batch path",
+    layout.BATCH: "batch caches have no quantized form",
 }
-_logged: set[tuple] = set()
-
-
-def _convert(cache: Any, start: int, group_size: int, bits: int) -> Any:
-    if cache.offset < start:
-        return cache
-    return cache.to_quantized(group_size=group_size, bits=bits)
 
 
 def quantize_layer(cache: Any, start: int, group_size: int, bits: int, sliding: bool):
-    """One layer's cache after quantization, and the reason when it is kept."""
+    """One layer's cache after quantization, whether it was converted now, and the
+    reason when it is kept unquantized."""
     kind = layout.classify(cache)
-    if kind == layout.FULL:
-        return _convert(cache, start, group_size, bits), None
-    if kind == layout.SLIDING:
-        if not sliding and not layout.is_bounded(cache):
-            return cache, f"sliding window ({cache.max_size} tokens) kept at full precision"
-        return _convert(cache, start, group_size, bits), None
+    if kind == layout.SLIDING and not sliding and not layout.is_bounded(cache):
+        return cache, False, f"sliding window ({cache.max_size} tokens) kept at full precision"
+    if kind in (layout.FULL, layout.SLIDING):
+        if cache.offset < start:
+            return cache, False, None
+        return cache.to_quantized(group_size=group_size, bits=bits), True, None
     if kind == layout.LIST:
         inner = [quantize_layer(c, start, group_size, bits, sliding) for c in cache.caches]
-        cache.caches = type(cache.caches)(c for c, _ in inner)
-        reasons = [r for _, r in inner if r]
-        return cache, "; ".join(reasons) or None
-    return cache, KEPT[kind]
+        cache.caches = type(cache.caches)(c for c, _, _ in inner)
+        reasons = [r for _, _, r in inner if r]
+        return cache, any(now for _, now, _ in inner), "; ".join(reasons) or None
+    return cache, False, KEPT[kind]
 
 
 def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_bits):
-    """Drop-in for mlx_lm.generate.maybe_quantize_kv_cache that knows every layout."""
+    """Drop-in for mlx_lm.generate.maybe_quantize_kv_cache that knows every layout.
+
+    Logs one line when a call converts layers (once per request, when its cache crosses
+    quantized_kv_start), in the words of the patch series.
+    """
     if kv_bits is None:
         return
     sliding = current().quantize_sliding
-    kept = {}
+    converted, kept = False, {}
     for i, c in enumerate(prompt_cache):
-        prompt_cache[i], reason = quantize_layer(c, quantized_kv_start, kv_group_size, kv_bits, sliding)
+        prompt_cache[i], now, reason = quantize_layer(c, quantized_kv_start, kv_group_size, kv_bits, sliding)
+        converted = converted or now
         if reason:
             kept[i] = reason
-    _log_once(prompt_cache, kept, kv_bits)
+    if converted:
+        log.info(
+            "%s: %s", layout.origin(prompt_cache[0]), describe_quantization(len(prompt_cache), kept, kv_bits)
+        )
 
 
-def _log_once(prompt_cache: list, kept: dict[int, str], bits: int) -> None:
-    key = (layout.origin(prompt_cache[0]) if prompt_cache else "", len(prompt_cache), bits)
-    if key in _logged or not prompt_cache:
-        return
-    _logged.add(key)
-    quantized = [i for i in range(len(prompt_cache)) if i not in kept]
-    reasons = sorted(set(kept.values()))
-    log.info(
-        "%s: kv_bits=%d quantizes layers %s; keeps %s",
-        key[0],
-        bits,
-        _ranges(quantized) or "none",
-        "; ".join(f"{_ranges([i for i in kept if kept[i] == r])} ({r})" for r in reasons) or "none",
-    )
-
-
-def _ranges(indices: list[int]) -> str:
-    return ",".join(map(str, indices))
+def describe_quantization(n_layers: int, kept: dict[int, str], bits: int) -> str:
+    """`kv_bits=8 quantizes layers 0,1,4; keeps 2,3 (recurrent state, constant size)`."""
+    quantized = ",".join(str(i) for i in range(n_layers) if i not in kept)
+    by_reason: dict[str, list[str]] = {}
+    for i, reason in kept.items():
+        by_reason.setdefault(reason, []).append(str(i))
+    keeps = "; ".join(f"{','.join(layers)} ({reason})" for reason, layers in by_reason.items())
+    return f"kv_bits={bits} quantizes layers {quantized or 'none'}; keeps {keeps or 'none'}"
 
 
 class HybridQuantize(Fix):

@@ -6,7 +6,7 @@ silently ignored exactly on the long-context models (mlx-lm #615). Here full-att
 layers become RotatingKVCache(max_kv_size, keep=4) as for plain models, sliding layers
 keep the smaller of their window and the bound, recurrent state is already constant-size.
 Without an explicit bound the process default (`--max-kv-size` of the server) applies.
-Patch file: patches/0001-server-kv-flags-and-max-kv-size.patch.
+Patch file: patches/0004-max-kv-size.patch.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ group size and bits read off the packed shapes. Scores and the softmax-weighted 
 in float32: upstream's bf16 accumulation is ~5x less accurate than the fused fp kernel on
 the same dequantized data (max error 0.077 vs 0.015, gemma-3 shapes, 8-bit), which
 raised 8-bit KL on gemma-3 from 7e-4 to 0.11.
-Patch file: patches/0004-quantized-attention.patch.
+Patch file: patches/0003-quantized-attention.patch.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Upstream: `RotatingKVCache.to_quantized` raises "RotatingKVCache Quantization NYI" in
 every release (mlx-lm #1573, PRs #968/#1074 unmerged), which crashes `--kv-bits` on
 Gemma 3/4 and gpt-oss and makes `--max-kv-size` + `--kv-bits` impossible.
-Patch file: patches/0003-quantized-rotating-kv-cache.patch.
+Patch file: patches/0001-quantized-rotating-kv-cache.patch.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ status line was buffered, so the client waits for a reply that never comes (meas
 0.32.2: curl gave up after 30 s). Here the handler answers instead: a JSON error with
 status 500, or, once a stream has started, an error event and `[DONE]`. The generation
 thread already survives such errors, so the next request is served.
-Patch file: patches/0001-server-kv-flags-and-max-kv-size.patch.
+Patch file: patches/0006-request-errors.patch.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class RequestErrors(Fix):
         from mlx_lm import server
 
         method = server.APIHandler.handle_completion
-        return method is not handle_completion and "send_error" not in method.__code__.co_names
+        names = method.__code__.co_names  # ours or the series' error path (0006-request-errors)
+        return method is not handle_completion and not {"send_error", "_send_generation_error"} & set(names)
 
     def install(self, patcher: Patcher) -> None:
         from mlx_lm import server

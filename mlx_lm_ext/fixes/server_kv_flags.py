@@ -5,7 +5,8 @@ and has no --max-kv-size at all (#615); no release checks the values before load
 weights. Here upstream's own parser gets whichever flags it lacks (so `--help` lists them
 beside upstream's), the values are validated before any weights load, and they become the
 process settings that the cache factory and, on releases without the flags, generation
-read. Patch file: patches/0001-server-kv-flags-and-max-kv-size.patch.
+read. Patch file: patches/0005-server-kv-flags.patch (all but --keep-sliding-kv, an
+mlx-lm-ext option the series does not propose: the default quantizes sliding layers).
 """
 
 from __future__ import annotations

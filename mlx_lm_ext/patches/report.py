@@ -1,0 +1,82 @@
+"""What a verification run proved, as data and as the markdown the README links to."""
+
+from __future__ import annotations
+
+from .verify import Run
+
+# Tests that check one delivery and skip in the others (compat_tests/test_delivery.py).
+DELIVERY_SPECIFIC = "compat_tests.test_delivery::"
+
+
+def _short(message: str) -> str:
+    first = (message or "").strip().splitlines()[0] if (message or "").strip() else ""
+    return first[:160].replace("|", "/")
+
+
+def compare(runs: dict[str, Run]) -> dict:
+    """The verdicts: upstream regressions, added tests, and delivery agreement."""
+    before, after = runs["upstream-unpatched"], runs["upstream-patched"]
+    passed_before = before.ids("passed")
+    added = sorted(set(after.outcomes) - set(before.outcomes))
+    both_failed = sorted(before.ids("failed") & after.ids("failed"))
+    mono, diffs = runs["compat-monkeypatch"], runs["compat-patches"]
+    mismatch = sorted(
+        t
+        for t in set(mono.outcomes) | set(diffs.outcomes)
+        if mono.outcomes.get(t) != diffs.outcomes.get(t) and not t.startswith(DELIVERY_SPECIFIC)
+    )
+    result = {
+        "counts": {label: run.counts() for label, run in runs.items()},
+        "upstream_regressions": sorted(passed_before - after.ids("passed")),
+        "upstream_added": {t: after.outcomes[t] for t in added},
+        "upstream_fixed": sorted(before.ids("failed") & after.ids("passed")),
+        "upstream_failing_on_both": {t: _short(after.messages.get(t, "")) for t in both_failed},
+        "compat_failures": {t: _short(diffs.messages[t]) for t in sorted(diffs.ids("failed"))},
+        "compat_mismatch": {t: [mono.outcomes.get(t), diffs.outcomes.get(t)] for t in mismatch},
+    }
+    result["ok"] = bool(
+        runs["compat-patches"].outcomes
+        and not result["upstream_regressions"]
+        and all(o == "passed" for o in result["upstream_added"].values())
+        and not result["compat_failures"]
+        and not result["compat_mismatch"]
+    )
+    return result
+
+
+def markdown(release: str, applied: list[str], result: dict) -> str:
+    counts = result["counts"]
+    lines = [
+        f"# Patch series on mlx-lm {release}",
+        "",
+        f"Verdict: **{'green' if result['ok'] else 'red'}**. Applied: {', '.join(applied)}.",
+        "",
+        "| run | passed | failed | skipped |",
+        "|---|---|---|---|",
+    ]
+    for label, c in counts.items():
+        lines.append(f"| {label} | {c.get('passed', 0)} | {c.get('failed', 0)} | {c.get('skipped', 0)} |")
+    lines += [
+        "",
+        f"Upstream tests that pass unpatched and not patched: {len(result['upstream_regressions'])}",
+    ]
+    lines += [f"- {t}" for t in result["upstream_regressions"]]
+    lines += ["", f"Tests the series adds to upstream's tests/: {len(result['upstream_added'])}"]
+    lines += [f"- {t}: {o}" for t, o in result["upstream_added"].items()]
+    lines += [
+        "",
+        f"Compat tests whose outcome differs between the deliveries: {len(result['compat_mismatch'])}",
+    ]
+    lines += [f"- {t}: monkeypatch {a}, patches {b}" for t, (a, b) in result["compat_mismatch"].items()]
+    lines += ["", f"Compat failures with the patches alone: {len(result['compat_failures'])}"]
+    lines += [f"- {t}: {m}" for t, m in result["compat_failures"].items()]
+    both = result["upstream_failing_on_both"]
+    lines += [
+        "",
+        f"Upstream tests failing on both trees (outside the series): {len(both)}",
+        "",
+        "| test | error on both trees |",
+        "|---|---|",
+    ]
+    lines += [f"| {t} | {m} |" for t, m in both.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,225 @@
+"""python -m mlx_lm_ext.report: how much KV cache a model needs, per precision, from config.json.
+
+Users choose `--kv-bits` from a table like "132K context: fp16 X GB, 8-bit Y, 4-bit Z".
+The table must be exact for the model's real layout (sliding windows, KV-shared layers,
+recurrent layers, different global/local head dims), so the layout is not re-derived
+per family from config keys: the real mlx-lm model class is built lazily from config.json
+(no weights are allocated: MLX arrays are lazy) and one token goes through it; the keys
+and values each cache receives then carry the exact per-layer shapes, read without
+evaluating anything. Bytes follow from those shapes exactly as the caches store them:
+16-bit rows, or packed `bits`-bit words plus a 16-bit scale and bias per group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import layout
+from .settings import ALLOWED_BITS, ALLOWED_GROUP_SIZES, read_config
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One cache of the model: attention (heads x key dim, value dim) or recurrent state."""
+
+    index: str
+    kind: str  # layout.FULL, layout.SLIDING or layout.RECURRENT
+    kv_heads: int = 0
+    k_dim: int = 0
+    v_dim: int = 0
+    window: int | None = None
+    state_bytes: int = 0
+    dtype_bytes: int = 2  # of the unquantized keys/values, and of the scales and biases
+
+    def tokens(self, context: int, bound: int | None = None) -> int:
+        """Tokens held at `context`: a window or bound caps it, full attention holds all."""
+        held = context if self.window is None else min(context, self.window)
+        return held if bound is None else min(held, bound)
+
+    def row_bytes(self, bits: int | None, group_size: int) -> int:
+        """Bytes of one token's keys and values in this layer."""
+        if bits is None:
+            return self.dtype_bytes * self.kv_heads * (self.k_dim + self.v_dim)
+        per_dim = [d * bits // 8 + d // group_size * 2 * self.dtype_bytes for d in (self.k_dim, self.v_dim)]
+        return self.kv_heads * sum(per_dim)
+
+
+def trace_layout(config: dict[str, Any], dtype: str = "bfloat16") -> list[LayerKV]:
+    """Every cache the model makes, with its exact shapes (see the module docstring)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    model.set_dtype(getattr(mx, dtype))  # bf16 as checkpoints ship; fp32 stays where a model insists
+    cache = make_prompt_cache(model)
+    model(mx.array([[1]]), cache=cache)
+    return _describe(cache, prefix="")
+
+
+def _describe(caches: list[Any], prefix: str) -> list[LayerKV]:
+    out = []
+    for i, c in enumerate(caches):
+        index = f"{prefix}{i}"
+        kind = layout.classify(c)
+        if kind == layout.LIST:
+            out += _describe(list(c.caches), prefix=f"{index}.")
+        elif kind == layout.RECURRENT:
+            state = sum(x.nbytes for x in c.cache if x is not None)
+            out.append(LayerKV(index, kind, state_bytes=state))
+        elif kind in (layout.FULL, layout.SLIDING) and c.keys is not None:
+            window = c.max_size if kind == layout.SLIDING else None
+            heads, k_dim, v_dim = c.keys.shape[1], c.keys.shape[-1], c.values.shape[-1]
+            out.append(LayerKV(index, kind, heads, k_dim, v_dim, window, dtype_bytes=c.keys.dtype.size))
+        elif kind not in (layout.FULL, layout.SLIDING):
+            raise layout.UnknownCacheLayout(f"report: no memory model for a {type(c).__name__}")
+    return out
+
+
+def kv_bytes(
+    layers: list[LayerKV], context: int, bits: int | None, group_size: int, bound=None
+) -> int | None:
+    """Attention KV bytes at `context` tokens; None where the group size does not divide a dim."""
+    attention = [lay for lay in layers if lay.kind != layout.RECURRENT]
+    if bits is not None and any(d % group_size for lay in attention for d in (lay.k_dim, lay.v_dim)):
+        return None
+    return sum(lay.tokens(context, bound) * lay.row_bytes(bits, group_size) for lay in attention)
+
+
+def table(layers: list[LayerKV], context: int, bits: list[int], group_size: int, bound=None) -> list[dict]:
+    """Rows of the report: precision, attention KV bytes, recurrent state, ratio to 16-bit."""
+    state = sum(lay.state_bytes for lay in layers)
+    fp16 = kv_bytes(layers, context, None, group_size, bound)
+    rows = []
+    for b in [None, *bits]:
+        kv = kv_bytes(layers, context, b, group_size, bound)
+        rows.append(
+            {
+                "precision": f"{_unquantized_bits(layers)}-bit"
+                if b is None
+                else f"{b}-bit (group {group_size})",
+                "kv_bytes": kv,
+                "recurrent_bytes": state,
+                "ratio": None if kv is None or not fp16 else kv / fp16,
+            }
+        )
+    return rows
+
+
+def _unquantized_bits(layers: list[LayerKV]) -> int:
+    return 8 * max((lay.dtype_bytes for lay in layers if lay.kind != layout.RECURRENT), default=2)
+
+
+def summarize(layers: list[LayerKV]) -> str:
+    """`62 caches: 10 full attention (16 KV heads x 128/128), 52 sliding (window 1024) ...`."""
+    parts = []
+    for kind, name in (
+        (layout.FULL, "full attention"),
+        (layout.SLIDING, "sliding"),
+        (layout.RECURRENT, "recurrent"),
+    ):
+        group = [lay for lay in layers if lay.kind == kind]
+        if not group:
+            continue
+        shapes = sorted(
+            {f"{lay.kv_heads} KV heads x {lay.k_dim}/{lay.v_dim}" for lay in group if lay.kv_heads}
+        )
+        windows = sorted({lay.window for lay in group if lay.window})
+        detail = ", ".join(shapes + [f"window {w}" for w in windows])
+        parts.append(f"{len(group)} {name}" + (f" ({detail})" if detail else ""))
+    return f"{len(layers)} caches: " + "; ".join(parts)
+
+
+def markdown(model: str, context: int, rows: list[dict], layers: list[LayerKV], bound=None) -> str:
+    lines = [
+        f"{model}, {context:,} tokens"
+        + (f", --max-kv-size {bound}" if bound else "")
+        + f": {summarize(layers)}",
+        "",
+        "| KV cache | attention KV | recurrent state | vs unquantized |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        kv = "n/a: group size does not divide a head dim" if r["kv_bytes"] is None else human(r["kv_bytes"])
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        lines.append(f"| {r['precision']} | {kv} | {human(r['recurrent_bytes'])} | {ratio} |")
+    return "\n".join(lines)
+
+
+def human(n: int) -> str:
+    """Decimal units, as users quote them ("215 GB")."""
+    for unit, size in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n} B"
+
+
+def resolve_config(model: str, offline: bool) -> tuple[str, dict[str, Any]]:
+    """config.json of a folder, a hub repo, or a models.yaml id (its hub repo; --offline: stand-in)."""
+    from .zoo import get_entry, resolve
+
+    if Path(model).is_dir():
+        return model, json.loads((Path(model) / "config.json").read_text())
+    try:
+        entry = get_entry(model)
+    except Exception:
+        entry = None
+    if entry is not None and offline:
+        folder = resolve(entry, "offline")
+        return f"{entry.id} (offline stand-in)", json.loads((folder / "config.json").read_text())
+    repo = entry.hub if entry is not None else model
+    config = read_config(repo)
+    if config is None:
+        hint = " (or --offline for its stand-in)" if entry is not None else ""
+        raise SystemExit(
+            f"report: cannot read config.json of {repo}: not a folder, and the hub is unreachable{hint}"
+        )
+    return repo, config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_lm_ext.report", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="models.yaml id, hub repo id or model folder")
+    p.add_argument("--context", type=int, default=131072, help="tokens in the cache (default 131072)")
+    p.add_argument("--bits", default="8,4", help="quantized precisions to compare (default 8,4)")
+    p.add_argument("--kv-group-size", type=int, default=64, choices=ALLOWED_GROUP_SIZES)
+    p.add_argument("--max-kv-size", type=int, default=None, help="bound every layer as the server flag does")
+    p.add_argument("--offline", action="store_true", help="a models.yaml id's offline stand-in")
+    p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    bits = [int(b) for b in args.bits.split(",") if b]
+    if bad := [b for b in bits if b not in ALLOWED_BITS]:
+        parser.error(f"--bits {bad[0]}: must be one of {', '.join(map(str, ALLOWED_BITS))}")
+    if args.context <= 0 or (args.max_kv_size is not None and args.max_kv_size <= 0):
+        parser.error("--context and --max-kv-size must be positive token counts")
+    name, config = resolve_config(args.model, args.offline)
+    layers = trace_layout(config)
+    rows = table(layers, args.context, bits, args.kv_group_size, args.max_kv_size)
+    if args.json:
+        payload = {
+            "model": name,
+            "context": args.context,
+            "layers": [asdict(x) for x in layers],
+            "rows": rows,
+        }
+        print(json.dumps(payload, indent=1))
+    else:
+        print(markdown(name, args.context, rows, layers, args.max_kv_size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

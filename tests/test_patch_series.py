@@ -1,0 +1,127 @@
+"""patches/: one patch per fix, applying cleanly to the release it names, reproducible,
+and failures reported by patch, file and hunk."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlx_lm_ext.fixes import FIXES
+from mlx_lm_ext.patches import series
+
+# mlx-lm 0.32.0 added the kv_bits check to _is_batchable itself: no patch carries it.
+NO_PATCH = {"batchable-fallback"}
+
+
+def test_every_fix_has_its_patch_and_names_it():
+    names, release = series.read_series()
+    assert release is not None
+    slugs = [series.slug(n) for n in names]
+    assert sorted(slugs) == sorted(f.name for f in FIXES if f.name not in NO_PATCH)
+    for fix in FIXES:
+        doc = sys.modules[type(fix).__module__].__doc__
+        if fix.name in NO_PATCH:
+            assert "No patch file" in doc
+            continue
+        file = names[slugs.index(fix.name)]
+        assert f"patches/{file}" in doc, f"{fix.name}'s docstring does not name {file}"
+        assert (series.PATCHES / file).exists()
+
+
+def test_patches_are_format_patch_with_tests_and_reviewable_size():
+    names, _ = series.read_series()
+    for name in names:
+        text = (series.PATCHES / name).read_text()
+        assert text.startswith("From 0000000000000000000000000000000000000000 ")
+        assert re.search(r"^Subject: \[PATCH \d+/\d+\] ", text, re.M)
+        assert re.search(r"^diff --git a/tests/", text, re.M), f"{name} adds no upstream test"
+        changed = sum(1 for line in text.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---"))
+        assert changed <= 250, f"{name}: {changed} changed lines"
+
+
+@pytest.fixture(scope="module")
+def release_tree(tmp_path_factory):
+    """The series' release sdist under git (downloaded from the package index)."""
+    _, release = series.read_series()
+    return series.base_tree(release, tmp_path_factory.mktemp("sdist"))
+
+
+def test_series_applies_to_its_release_and_exports_identically(release_tree, tmp_path):
+    names, release = series.read_series()
+    applied, failures = series.check(release_tree)
+    assert failures == [] and applied == names
+    tree = tmp_path / "tree"
+    shutil.copytree(release_tree, tree)
+    series.apply(tree)
+    out = tmp_path / "patches"
+    out.mkdir()
+    (out / "series").write_text((series.PATCHES / "series").read_text())
+    series.export(tree, release, names, patches=out)
+    for name in [*names, "series"]:
+        assert (out / name).read_text() == (series.PATCHES / name).read_text(), name
+
+
+def test_a_patch_that_does_not_apply_names_patch_file_and_hunk(release_tree, tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(release_tree, tree)
+    server = tree / "mlx_lm" / "server.py"
+    # Upstream rewords the line that 0005-server-kv-flags anchors its flag on.
+    text = server.read_text().replace(
+        'parser = argparse.ArgumentParser(description="MLX Http Server.")',
+        'parser = argparse.ArgumentParser(description="MLX HTTP server")',
+    )
+    server.write_text(text)
+    series.git(tree, "commit", "-qam", "upstream moves on")
+    applied, failures = series.check(tree)
+    assert [f.patch for f in failures] == ["0005-server-kv-flags.patch"]
+    assert "0006-request-errors.patch" in applied
+    (file, line, hunk), *_ = failures[0].hunks
+    assert file == "mlx_lm/server.py" and line and hunk.startswith("@@ ")
+    assert "0005-server-kv-flags.patch does not apply" in str(failures[0])
+
+
+def test_slug():
+    assert series.slug("0003-quantized-attention.patch") == "quantized-attention"
+    assert Path(series.PATCHES / "series").exists()
+
+
+def _run(label, outcomes):
+    from mlx_lm_ext.patches.verify import Run
+
+    return Run(label, dict(outcomes), {t: f"{o} because" for t, o in outcomes.items()})
+
+
+def test_verdict_catches_regressions_failed_additions_and_delivery_mismatch():
+    from mlx_lm_ext.patches.report import compare, markdown
+
+    good = {
+        "upstream-unpatched": _run("u", {"a": "passed", "b": "failed"}),
+        "upstream-patched": _run("p", {"a": "passed", "b": "failed", "new": "passed"}),
+        "compat-monkeypatch": _run(
+            "m", {"x": "passed", "y": "skipped", "compat_tests.test_delivery::t": "skipped"}
+        ),
+        "compat-patches": _run(
+            "d", {"x": "passed", "y": "skipped", "compat_tests.test_delivery::t": "passed"}
+        ),
+    }
+    result = compare(good)
+    assert result["ok"] and result["upstream_failing_on_both"] == {"b": "failed because"}
+    assert "Verdict: **green**" in markdown("0.32.2", ["0001-x.patch"], result)
+
+    bad = dict(good, **{"upstream-patched": _run("p", {"a": "failed", "b": "failed", "new": "passed"})})
+    assert compare(bad)["upstream_regressions"] == ["a"] and not compare(bad)["ok"]
+    bad = dict(good, **{"upstream-patched": _run("p", {"a": "passed", "b": "failed", "new": "failed"})})
+    assert not compare(bad)["ok"]
+    bad = dict(
+        good,
+        **{
+            "compat-patches": _run(
+                "d", {"x": "passed", "y": "passed", "compat_tests.test_delivery::t": "passed"}
+            )
+        },
+    )
+    assert compare(bad)["compat_mismatch"] == {"y": ["skipped", "passed"]} and not compare(bad)["ok"]
