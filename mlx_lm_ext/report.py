@@ -167,14 +167,15 @@ def resolve_config(model: str, offline: bool) -> tuple[str, dict[str, Any]]:
     from .zoo import get_entry, resolve
 
     if Path(model).is_dir():
-        return model, json.loads((Path(model) / "config.json").read_text())
+        if (config := read_config(model)) is None:
+            raise SystemExit(f"report: {model} has no config.json")
+        return model, config
     try:
         entry = get_entry(model)
-    except Exception:
+    except KeyError:  # not a models.yaml id: a hub repo id
         entry = None
     if entry is not None and offline:
-        folder = resolve(entry, "offline")
-        return f"{entry.id} (offline stand-in)", json.loads((folder / "config.json").read_text())
+        return f"{entry.id} (offline stand-in)", read_config(str(resolve(entry, "offline")))
     repo = entry.hub if entry is not None else model
     config = read_config(repo)
     if config is None:

@@ -68,13 +68,10 @@ def _report(release: str, applied: list[str], runs: dict) -> int:
     return 0 if result["ok"] else 1
 
 
-def _refresh(args, tree: Path, release: str) -> int:
+def _refresh(tree: Path, release: str) -> int:
+    """Export the commits of `tree` since its `base` tag as patches/, named as the series."""
     names, _ = series.read_series()
-    source = args.source
-    if source is None:
-        series.apply(tree)
-        source = tree
-    written = series.export(source, release, names)
+    written = series.export(tree, release, names)
     print("\n".join(str(p) for p in written))
     return 0
 
@@ -84,20 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "report" and args.work is None:
         parser.error("report needs --work DIR, the folder of an earlier `apply --work DIR`")
-    _, series_release = series.read_series()
+    names, series_release = series.read_series()
     release = args.release or series_release
     work = args.work or Path(tempfile.mkdtemp(prefix="mlx-lm-ext-patches-"))
     if args.command == "report":  # re-render an `apply --work DIR` run from its junit files
-        names, _ = series.read_series()
         return _report(release, names, {label: parse_junit(label, work / f"{label}.xml") for label in RUNS})
     if args.command == "refresh" and args.source is not None:
-        return _refresh(args, args.source, release)
+        return _refresh(args.source, release)
     tree = series.base_tree(release, work / "sdist")
     if args.command == "check":
         return 1 if _check(tree, release) else 0
     if args.command == "apply":
         return _apply(args, tree, work, release)
-    return _refresh(args, tree, release)
+    series.apply(tree)  # refresh onto a release: rebase the series with git am -3
+    return _refresh(tree, release)
 
 
 if __name__ == "__main__":

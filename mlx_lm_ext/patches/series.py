@@ -109,26 +109,28 @@ def base_tree(release: str, dest: Path) -> Path:
 
 
 def check(tree: Path, patches: Path = PATCHES) -> tuple[list[str], list[Failure]]:
-    """`git apply --check` each patch in order on a scratch copy; (applied, failures).
+    """`git apply --check` each patch in order on a scratch worktree of the tree's HEAD;
+    returns (applied, failures) and leaves the tree itself untouched.
 
     A patch that fails is reported and skipped, so later independent patches are still
     tried (a report of which patches apply to another release).
     """
     names, _ = read_series(patches)
     applied, failures = [], []
-    git(tree, "stash", "-q", "--include-untracked", check=False)
-    try:
-        for name in names:
-            patch = patches / name
-            proc = git(tree, "apply", "--check", "-v", str(patch), check=False)
-            if proc.returncode:
-                failures.append(_failure(name, patch, proc.stderr))
-                continue
-            git(tree, "apply", str(patch))
-            applied.append(name)
-    finally:
-        git(tree, "checkout", "-q", "--", ".")
-        git(tree, "clean", "-qfd")
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp) / "check"
+        git(tree, "worktree", "add", "-q", "--detach", str(scratch), "HEAD")
+        try:
+            for name in names:
+                patch = patches / name
+                proc = git(scratch, "apply", "--check", "-v", str(patch), check=False)
+                if proc.returncode:
+                    failures.append(_failure(name, patch, proc.stderr))
+                    continue
+                git(scratch, "apply", str(patch))
+                applied.append(name)
+        finally:
+            git(tree, "worktree", "remove", "--force", str(scratch))
     return applied, failures
 
 

@@ -25,7 +25,8 @@ from .standins import ensure_standins
 PROJECT = Path(__file__).resolve().parents[2]
 # Upstream's test extra is datasets, lm-eval, Pillow; lm-eval pulls in torch (GBs), so
 # tests/test_evaluate.py is reported as not collected on both trees instead.
-UPSTREAM_TEST_DEPS = ["requests", "Pillow", "datasets", "pytest>=8", "pytest-xdist>=3"]
+# pytest and pytest-xdist come with release_requirements.
+UPSTREAM_TEST_DEPS = ["requests", "Pillow", "datasets"]
 RUNS = ("upstream-unpatched", "compat-monkeypatch", "upstream-patched", "compat-patches")
 
 
