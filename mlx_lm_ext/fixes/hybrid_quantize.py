@@ -61,6 +61,8 @@ def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_
     if kv_bits is None:
         return
     sliding = current().quantize_sliding
+    # Read before converting: the quantized caches are new objects make_prompt_cache never saw.
+    model = layout.origin(prompt_cache[0]) if prompt_cache else "unknown model"
     converted, kept = False, {}
     for i, c in enumerate(prompt_cache):
         prompt_cache[i], now, reason = quantize_layer(c, quantized_kv_start, kv_group_size, kv_bits, sliding)
@@ -68,9 +70,7 @@ def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_
         if reason:
             kept[i] = reason
     if converted:
-        log.info(
-            "%s: %s", layout.origin(prompt_cache[0]), describe_quantization(len(prompt_cache), kept, kv_bits)
-        )
+        log.info("%s: %s", model, describe_quantization(len(prompt_cache), kept, kv_bits))
 
 
 def describe_quantization(n_layers: int, kept: dict[int, str], bits: int) -> str:
