@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import layout
+from . import layout, report_measure
 from .settings import ALLOWED_BITS, ALLOWED_GROUP_SIZES, read_config
 
 GB = 1e9
@@ -55,14 +55,22 @@ def trace_layout(config: dict[str, Any], dtype: str = "bfloat16") -> list[LayerK
     """Every cache the model makes, with its exact shapes (see the module docstring)."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
+
+    model = model_from_config(config, dtype)
+    cache = make_prompt_cache(model)
+    model(mx.array([[1]]), cache=cache)
+    return _describe(cache, prefix="")
+
+
+def model_from_config(config: dict[str, Any], dtype: str = "bfloat16") -> Any:
+    """The real mlx-lm model class for config.json, random weights, nothing evaluated yet."""
+    import mlx.core as mx
     from mlx_lm.utils import _get_classes
 
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     model.set_dtype(getattr(mx, dtype))  # bf16 as checkpoints ship; fp32 stays where a model insists
-    cache = make_prompt_cache(model)
-    model(mx.array([[1]]), cache=cache)
-    return _describe(cache, prefix="")
+    return model
 
 
 def _describe(caches: list[Any], prefix: str) -> list[LayerKV]:
@@ -195,6 +203,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-kv-size", type=int, default=None, help="bound every layer as the server flag does")
     p.add_argument("--offline", action="store_true", help="a models.yaml id's offline stand-in")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    m = p.add_argument_group("--measure: run the model (its weights load) at 16 bits and quantized")
+    m.add_argument("--measure", action="store_true", help="measure cache bytes, peak memory, tok/s, KL")
+    m.add_argument("--points", type=int, default=4, help="context lengths doubling up to --context")
+    m.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed and compared per point")
+    m.add_argument("--prompt-file", type=Path, help="text to feed (default: the zoo's English corpus)")
+    m.add_argument("--plot", type=Path, help="write a PNG of cache MiB and KL against context")
     return p
 
 
@@ -206,9 +220,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--bits {bad[0]}: must be one of {', '.join(map(str, ALLOWED_BITS))}")
     if args.context <= 0 or (args.max_kv_size is not None and args.max_kv_size <= 0):
         parser.error("--context and --max-kv-size must be positive token counts")
+    if args.points <= 0 or args.decode_tokens <= 0:
+        parser.error("--points and --decode-tokens must be positive")
+    if args.plot:
+        if not args.measure:
+            parser.error("--plot draws what --measure measures: add --measure")
+        report_measure.require_matplotlib()
     name, config = resolve_config(args.model, args.offline)
     layers = trace_layout(config)
     rows = table(layers, args.context, bits, args.kv_group_size, args.max_kv_size)
+    points = _measure(args, bits) if args.measure else None
     if args.json:
         payload = {
             "model": name,
@@ -216,10 +237,47 @@ def main(argv: list[str] | None = None) -> int:
             "layers": [asdict(x) for x in layers],
             "rows": rows,
         }
+        if points is not None:
+            payload["measured"] = [asdict(p) for p in points]
         print(json.dumps(payload, indent=1))
     else:
         print(markdown(name, args.context, rows, layers, args.max_kv_size))
+        if points is not None:
+            print("\n" + report_measure.markdown(points, args.decode_tokens))
+    if args.plot:
+        report_measure.plot(points, args.plot, f"{name}, KV group {args.kv_group_size}")
     return 0
+
+
+def _measure(args: argparse.Namespace, bits: list[int]) -> list[report_measure.Point]:
+    """Load the model (the folder resolve_config read) and run report_measure on it."""
+    from mlx_lm import load
+
+    folder = _model_folder(args.model, args.offline)
+    model, tokenizer = load(folder)
+    contexts = report_measure.context_points(args.context, args.points)
+    text = args.prompt_file.read_text() if args.prompt_file else _corpus()
+    tokens = report_measure.prompt_tokens(tokenizer, text, contexts[-1] + args.decode_tokens)
+    return report_measure.measure(
+        model, tokens, contexts, bits, args.kv_group_size, args.max_kv_size, args.decode_tokens
+    )
+
+
+def _model_folder(model: str, offline: bool) -> str:
+    """What mlx_lm.load takes: a folder, a hub repo, or a models.yaml id's tier."""
+    from .zoo import get_entry, resolve
+
+    if Path(model).is_dir():
+        return model
+    try:
+        entry = get_entry(model)
+    except KeyError:
+        return model
+    return str(resolve(entry, "offline")) if offline else entry.hub
+
+
+def _corpus() -> str:
+    return (Path(__file__).parent / "zoo" / "corpus.txt").read_text()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,11 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from mlx_lm_ext.fixes.quantized_attention import packed_params, quantized_attention
+from mlx_lm_ext.fixes.quantized_attention import (
+    dequantized_attention,
+    packed_params,
+    quantized_attention,
+)
 
 
 @pytest.mark.parametrize("n_q,n_kv,L", [(4, 4, 1), (8, 2, 1), (8, 2, 5)])
@@ -56,3 +60,31 @@ def test_grouped_query_heads_read_the_cache_without_copying_it():
     before = mx.get_active_memory()
     mx.eval(quantized_attention(q, qk, qv, 0.0625, None, 64, 8))
     assert mx.get_peak_memory() - before < packed / 2  # measured 0 bytes folded; 4x packed broadcast
+
+
+def _reference(q, qk, qv, scale, mask=None, sinks=None, group=64, bits=8):
+    dk, dv = (mx.dequantize(*t, group_size=group, bits=bits) for t in (qk, qv))
+    return mx.fast.scaled_dot_product_attention(q, dk, dv, scale=scale, mask=mask, sinks=sinks)
+
+
+@pytest.mark.parametrize("L,mask", [(1, None), (6, "causal")])
+def test_whole_buffer_with_length_equals_the_view(L, mask):
+    """Attending over a 256-row buffer's first 70 rows equals attending over the view."""
+    mx.random.seed(2)
+    qk, qv = (tuple(mx.quantize(mx.random.normal((1, 2, 256, 64)), 64, 8)) for _ in range(2))
+    view_k, view_v = (tuple(x[..., :70, :] for x in t) for t in (qk, qv))
+    q, sinks = mx.random.normal((1, 8, L, 64)), mx.random.normal((8,))
+    want = quantized_attention(q, view_k, view_v, 0.125, mask, 64, 8, sinks=sinks, kernels=False)
+    got = quantized_attention(q, qk, qv, 0.125, mask, 64, 8, sinks=sinks, length=70, kernels=False)
+    assert mx.abs(got - want).max().item() < 1e-5
+
+
+def test_dequantized_attention_matches_the_quantized_path():
+    """The prompt-chunk path (fused kernel on dequantized KV) agrees with quantized matmuls."""
+    mx.random.seed(3)
+    q = mx.random.normal((1, 8, 12, 128))
+    qk, qv = (mx.quantize(mx.random.normal((1, 2, 300, 128)), 64, 4) for _ in range(2))
+    sinks = mx.random.normal((8,))
+    want = quantized_attention(q, qk, qv, 0.09, "causal", 64, 4, sinks=sinks, length=260, kernels=False)
+    got = dequantized_attention(q, qk, qv, 0.09, "causal", 64, 4, sinks=sinks, length=260)
+    assert mx.abs(got - want).max().item() < 1e-4

@@ -11,7 +11,9 @@ quantized they receive quantized triples and upstream hands them to the fp16 ker
 group size and bits read off the packed shapes. Scores and the softmax-weighted sum run
 in float32: upstream's bf16 accumulation is ~5x less accurate than the fused fp kernel on
 the same dequantized data (max error 0.077 vs 0.015, gemma-3 shapes, 8-bit), which
-raised 8-bit KL on gemma-3 from 7e-4 to 0.11.
+raised 8-bit KL on gemma-3 from 7e-4 to 0.11. Where the backend's quantized_matmul
+rejects strided operands (MLX's CUDA backend), attention reads whole cache buffers
+instead of the growing cache's strided views (see `operands`).
 Patch file: patches/0003-quantized-attention.patch.
 """
 
@@ -22,27 +24,45 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .. import cuda_attention
+from ..capability import strided_quantized_matmul
 from .base import Fix, Patcher
 
 _original = None
 
 
-def quantized_attention(queries, q_keys, q_values, scale, mask, group_size, bits, sinks=None):
+def quantized_attention(
+    queries, q_keys, q_values, scale, mask, group_size, bits, sinks=None, length=None, kernels=None
+):
     """Attention over quantized keys/values, GQA-aware, with optional sinks.
 
     The query heads that share a KV head are folded into the query length, so each
     quantized matmul reads the cache once; broadcasting the cache over them instead (as
     upstream does) makes MLX copy the packed keys and values once per query head (a 32K
-    gemma-3 decode step peaked at 115 MiB against 72 for fp16).
+    gemma-3 decode step peaked at 115 MiB against 72 for fp16). With `length`, only the
+    first `length` rows of the keys and values are attended to (the rest is the unused
+    tail of a cache buffer): their scores are dropped and their weights are zero. Where
+    the device runs custom CUDA kernels (`kernels` None: probed), decode reads the cache
+    through them and prompt chunks through `dequantized_attention` (cuda_attention.py).
     """
     dtype = queries.dtype
-    queries, q_keys, q_values = _float32(queries), _float32_triple(q_keys), _float32_triple(q_values)
     B, n_q_heads, L, D = queries.shape
     n_kv_heads = q_keys[0].shape[-3]
     n_repeats = n_q_heads // n_kv_heads
-    queries = mx.reshape(queries * scale, (B, n_kv_heads, n_repeats * L, D))
-    scores = mx.quantized_matmul(queries, *q_keys, transpose=True, group_size=group_size, bits=bits)
+    kernels = cuda_attention.available() if kernels is None else kernels
+    if kernels and not cuda_attention.supports(n_repeats * L, D, bits, group_size):
+        return dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, bits, sinks, length)
+    queries = mx.reshape(_float32(queries) * scale, (B, n_kv_heads, n_repeats * L, D))
+    if kernels:
+        scores = cuda_attention.scores(queries, q_keys, group_size, bits)
+    else:
+        scores = mx.quantized_matmul(
+            queries, *_float32_triple(q_keys), transpose=True, group_size=group_size, bits=bits
+        )
     scores = mx.reshape(scores, (B, n_kv_heads, n_repeats, L, -1))
+    rows = scores.shape[-1]
+    if length is not None:
+        scores = scores[..., :length]
     scores = _apply_mask(scores, mask)
     if sinks is not None:
         sink = sinks.astype(scores.dtype).reshape((n_kv_heads, n_repeats, 1, 1))
@@ -51,9 +71,30 @@ def quantized_attention(queries, q_keys, q_values, scale, mask, group_size, bits
     probs = mx.softmax(scores, axis=-1, precise=True)
     if sinks is not None:
         probs = probs[..., :-1]
+    if length is not None:
+        probs = mx.pad(probs, [(0, 0)] * 4 + [(0, rows - length)])
     probs = mx.reshape(probs, (B, n_kv_heads, n_repeats * L, -1))
-    out = mx.quantized_matmul(probs, *q_values, transpose=False, group_size=group_size, bits=bits)
+    if kernels:
+        out = cuda_attention.weighted_sum(probs, q_values, group_size, bits)
+    else:
+        out = mx.quantized_matmul(
+            probs, *_float32_triple(q_values), transpose=False, group_size=group_size, bits=bits
+        )
     return mx.reshape(out, (B, n_q_heads, L, -1)).astype(dtype)
+
+
+def dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, bits, sinks=None, length=None):
+    """The fused 16-bit kernel on dequantized keys and values: for prompt chunks on CUDA.
+
+    A chunk of L queries pays the dequantization once for L rows of output; on an H100
+    quantized_matmul prefilled a 4K prompt of a Llama-3.1-8B shape at 95 tok/s against
+    39K for 16 bits (benchmarks/kv_speed.py).
+    """
+    k, v = (mx.dequantize(*t, group_size=group_size, bits=bits) for t in (q_keys, q_values))
+    if length is not None:
+        k, v = k[..., :length, :], v[..., :length, :]
+    k, v = k.astype(queries.dtype), v.astype(queries.dtype)
+    return mx.fast.scaled_dot_product_attention(queries, k, v, scale=scale, mask=mask, sinks=sinks)
 
 
 def _float32(x: mx.array) -> mx.array:
@@ -93,7 +134,27 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sink
         group_size, bits = packed_params(queries, keys)
     else:
         return _original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
-    return quantized_attention(queries, keys, values, scale, mask, group_size, bits, sinks=sinks)
+    keys, values, length = operands(keys, values, cache)
+    return quantized_attention(queries, keys, values, scale, mask, group_size, bits, sinks, length)
+
+
+def operands(keys, values, cache):
+    """(keys, values, length) in a layout the backend's quantized_matmul accepts.
+
+    A growing quantized cache returns `buffer[..., :offset, :]`, a view strided along
+    the heads. Where quantized_matmul rejects strided operands (probed once) or the
+    CUDA kernels read the cache (they take contiguous rows), attention reads the whole
+    buffer and keeps the first `length` rows: at most one growth step (255 rows) of
+    extra work, where copying the views would rewrite the whole cache each step. KV
+    shared from another layer comes with no buffer here and is copied.
+    """
+    full = getattr(cache, "keys", None)
+    whole = isinstance(full, (tuple, list)) and full[0].shape[-2] > keys[0].shape[-2]
+    if whole and (cuda_attention.available() or not strided_quantized_matmul()):
+        return tuple(full), tuple(cache.values), keys[0].shape[-2]
+    if strided_quantized_matmul():
+        return keys, values, None
+    return tuple(map(mx.contiguous, keys)), tuple(map(mx.contiguous, values)), None
 
 
 def _model_modules() -> list[str]:

@@ -1,0 +1,144 @@
+"""Which quantized attention path, per backend: one decode step of one layer, timed in one run.
+
+    python benchmarks/attention_paths.py --tokens 4097 32769 \
+        --json benchmarks/results/attention_paths-cpu.json
+
+A growing quantized cache hands attention `buffer[..., :offset, :]`, a strided view. The
+paths compared, each on the same keys and values at `tokens` (offset one past a 256-row
+growth step, as in decode):
+  fp16 fused        mx.fast.scaled_dot_product_attention on the 16-bit cache's view
+                    (what unpatched mlx-lm does without --kv-bits): the reference speed
+  strided views     quantized attention on the views (upstream's layout; MLX's CUDA
+                    quantized_matmul has no kernel for it, so it is skipped where it fails)
+  contiguous copy   the views copied to contiguous arrays every step
+  whole buffer      the whole buffer, unused rows' scores dropped (mlx_lm_ext's choice
+                    where strided operands are rejected)
+  dequantize+fused  the views dequantized to 16 bits, then the fused kernel
+  custom CUDA       mlx_lm_ext/cuda_attention.py's kernels on the whole buffer (fails
+                    where MLX has no CUDA backend)
+plus the one-off costs: quantizing the whole 16-bit cache (crossing --quantized-kv-start)
+and dequantizing it. Times are the mean of `--iters` evaluated steps after a warm-up (the
+first use of a kernel is JIT-compiled on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_lm_ext.fixes.quantized_attention import quantized_attention
+
+Q_HEADS, KV_HEADS, HEAD_DIM, STEP, GROUP = 32, 8, 128, 256, 64
+
+
+def timed(fn: Callable[[], mx.array], iters: int, warmup: int = 3) -> float:
+    """Mean milliseconds of one evaluated call; raises what the kernel raises."""
+    for _ in range(warmup):
+        mx.eval(fn())
+    tic = time.perf_counter()
+    for _ in range(iters):
+        mx.eval(fn())
+    return (time.perf_counter() - tic) / iters * 1e3
+
+
+def paths(tokens: int, bits: int) -> dict[str, Callable[[], mx.array]]:
+    rows = (tokens + STEP - 1) // STEP * STEP
+    k = mx.random.normal((1, KV_HEADS, rows, HEAD_DIM)).astype(mx.bfloat16)
+    v = mx.random.normal((1, KV_HEADS, rows, HEAD_DIM)).astype(mx.bfloat16)
+    q = mx.random.normal((1, Q_HEADS, 1, HEAD_DIM)).astype(mx.bfloat16)
+    qk, qv = mx.quantize(k, GROUP, bits), mx.quantize(v, GROUP, bits)
+    mx.eval(k, v, q, qk, qv)
+    scale = HEAD_DIM**-0.5
+
+    def view(t):
+        return tuple(x[..., :tokens, :] for x in t)
+
+    def contiguous(t):
+        return tuple(map(mx.contiguous, view(t)))
+
+    def dequantized():
+        dk, dv = (mx.dequantize(*view(t), group_size=GROUP, bits=bits) for t in (qk, qv))
+        return mx.fast.scaled_dot_product_attention(q, dk, dv, scale=scale)
+
+    return {
+        "fp16 fused": lambda: mx.fast.scaled_dot_product_attention(
+            q, k[..., :tokens, :], v[..., :tokens, :], scale=scale
+        ),
+        "strided views": lambda: quantized_attention(
+            q, view(qk), view(qv), scale, None, GROUP, bits, kernels=False
+        ),
+        "contiguous copy": lambda: quantized_attention(
+            q, contiguous(qk), contiguous(qv), scale, None, GROUP, bits, kernels=False
+        ),
+        "whole buffer": lambda: quantized_attention(
+            q, qk, qv, scale, None, GROUP, bits, length=tokens, kernels=False
+        ),
+        "dequantize+fused": dequantized,
+        "custom CUDA kernels": lambda: quantized_attention(
+            q, qk, qv, scale, None, GROUP, bits, length=tokens, kernels=True
+        ),
+        "one-off: quantize the 16-bit cache": lambda: mx.quantize(k[..., :tokens, :], GROUP, bits)[0],
+        "one-off: dequantize the cache": lambda: mx.dequantize(*view(qk), group_size=GROUP, bits=bits),
+    }
+
+
+def run(tokens: list[int], bits: list[int], iters: int) -> dict:
+    rows = []
+    for n in tokens:
+        for b in bits:
+            base = None
+            for name, fn in paths(n, b).items():
+                row = {"tokens": n, "bits": b, "path": name}
+                try:
+                    row["ms"] = timed(fn, iters)
+                except (RuntimeError, ValueError) as e:
+                    row["error"] = str(e).splitlines()[0][:160]
+                base = base or row.get("ms")
+                if "ms" in row and not name.startswith("one-off"):
+                    row["x_fp16_time"] = row["ms"] / base
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return {
+        "machine": f"{platform.machine()} {platform.system()}, mlx {mx.__version__} ({mx.default_device()})",
+        "shape": f"{Q_HEADS} query heads on {KV_HEADS} KV heads x {HEAD_DIM}, bf16, group {GROUP}",
+        "iters": iters,
+        "rows": rows,
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"{result['machine']}; one layer's decode attention, {result['shape']}",
+        "",
+        "| tokens | bits | path | ms | x fp16 fused time |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        ms = f"{r['ms']:.3f}" if "ms" in r else f"fails: {r['error']}"
+        ratio = f"{r['x_fp16_time']:.2f}" if "x_fp16_time" in r else ""
+        lines.append(f"| {r['tokens']} | {r['bits']} | {r['path']} | {ms} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4097, 32769])
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    result = run(args.tokens, args.bits, args.iters)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""KV cache bytes, decode and prefill speed at 16, 8 and 4 bits: unpatched vs patched, one run.
+
+    python benchmarks/kv_speed.py --config benchmarks/configs/llama-3.2-1b.json \
+        --contexts 4096 32768 --json benchmarks/results/kv_speed-cpu.json
+    python benchmarks/kv_speed.py --model gemma-3          # a models.yaml stand-in
+
+Speed depends on shapes, not on weights, so `--config` builds the real mlx-lm model class
+from a config.json with random weights (a Llama-3.2-1B or 3.1-8B shape, say); `--model`
+loads a models.yaml entry's offline stand-in or a model folder. Each setting runs twice
+in the same process, on unpatched mlx-lm (every fix reverted) and patched
+(`mlx_lm_ext.apply`); a setting unpatched mlx-lm cannot run is recorded with its error.
+
+- bytes: the cache's arrays at `context` tokens (`measure.filled_cache`), against 16-bit
+  and against the affine limit (bits/8 + two 16-bit values per group, over 2 bytes);
+- decode: tok/s of one-token steps on that cache (the better of two blocks of `--steps`),
+  against unpatched 16-bit;
+- prefill: `--prefill` real tokens in generate_step's 2048-token chunks, quantized from
+  the first chunk (`--quantized-kv-start 0`), timed on a second pass after a warm-up one;
+- quantize: the one-off conversion of the filled 16-bit cache when decode crosses
+  `--quantized-kv-start`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+import mlx_lm_ext
+from mlx_lm_ext.measure import decode_rate, filled_cache, prefill, quantize
+from mlx_lm_ext.quality import cache_nbytes
+from mlx_lm_ext.settings import KVSettings
+
+GROUP = 64
+
+
+def load_model(model: str | None, config: Path | None) -> tuple[str, Any]:
+    if config is not None:
+        from mlx_lm_ext.report import model_from_config
+
+        net = model_from_config(json.loads(config.read_text()))
+        mx.eval(net.parameters())
+        return f"{config.stem} shape, random weights", net
+    from mlx_lm import load
+
+    from mlx_lm_ext.zoo import get_entry, resolve
+
+    folder = model if Path(model).is_dir() else str(resolve(get_entry(model), "offline"))
+    return model, load(folder)[0]
+
+
+def affine_limit(bits: int | None, dtype_bytes: int = 2) -> float:
+    """Bytes of a quantized row over a 16-bit row: packed bits plus a scale and bias per group."""
+    return 1.0 if bits is None else (bits / 8 + 2 * dtype_bytes / GROUP) / dtype_bytes
+
+
+def _settings(bits: int | None) -> KVSettings:
+    return KVSettings(kv_bits=bits, kv_group_size=GROUP, quantized_kv_start=0)
+
+
+def _delivery(patched: bool, settings: KVSettings) -> None:
+    if patched:
+        mlx_lm_ext.apply(settings)
+    else:
+        mlx_lm_ext.revert()
+
+
+def _guarded(fn) -> dict[str, Any]:
+    """The measurement, or the error unpatched mlx-lm (or a backend) raises."""
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    try:
+        return fn()
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+    finally:
+        mlx_lm_ext.revert()
+
+
+def decode_row(model: Any, context: int, bits: int | None, patched: bool, steps: int) -> dict[str, Any]:
+    def measure() -> dict[str, Any]:
+        _delivery(patched, _settings(bits))
+        cache = filled_cache(model, context, _settings(bits))
+        nbytes = cache_nbytes(cache)
+        tok_s = max(decode_rate(model, cache, steps) for _ in range(2))  # the better of two blocks
+        row = {"kv_bytes": nbytes, "tok_s": tok_s}
+        return {**row, "peak_bytes": mx.get_peak_memory()}
+
+    return _guarded(measure)
+
+
+def prefill_row(model: Any, tokens: int, bits: int | None, patched: bool) -> dict[str, Any]:
+    ids = [(i * 7919) % 1000 + 5 for i in range(tokens)]
+
+    def measure() -> dict[str, Any]:
+        _delivery(patched, _settings(bits))
+        prefill(model, ids, _settings(bits), step=2048)  # warm-up: JIT-compiled kernels, allocator
+        tic = time.perf_counter()
+        prefill(model, ids, _settings(bits), step=2048)
+        return {"prefill_tok_s": tokens / (time.perf_counter() - tic), "peak_bytes": mx.get_peak_memory()}
+
+    return _guarded(measure)
+
+
+def quantize_row(model: Any, context: int, bits: int) -> dict[str, Any]:
+    def measure() -> dict[str, Any]:
+        mlx_lm_ext.apply(_settings(bits))
+        cache = filled_cache(model, context, _settings(None))
+        tic = time.perf_counter()
+        quantize(cache, _settings(bits))
+        mx.eval([c.state for c in cache])
+        return {"convert_ms": (time.perf_counter() - tic) * 1e3}
+
+    return _guarded(measure)
+
+
+def _ratios(rows: list[dict[str, Any]], key: str) -> None:
+    base = next((r for r in rows if r["bits"] is None and not r["patched"] and key in r), None)
+    for r in rows:
+        if base and key in r:
+            r[f"x_{key}"] = r[key] / base[key]
+
+
+def run(model: Any, contexts: list[int], bits: list[int], steps: int, prefill_tokens: int) -> list[dict]:
+    rows = []
+    precisions = [None, *bits]
+    for context in contexts:
+        group = []
+        for b in precisions:
+            for patched in (False, True):
+                row = {"kind": "decode", "context": context, "bits": b, "patched": patched}
+                row.update(decode_row(model, context, b, patched, steps))
+                row["affine_limit"] = affine_limit(b)
+                group.append(row)
+                print(json.dumps(row), flush=True)
+        _ratios(group, "kv_bytes")
+        _ratios(group, "tok_s")
+        rows += group
+        for b in bits:
+            row = {"kind": "quantize", "context": context, "bits": b, "patched": True}
+            rows.append({**row, **quantize_row(model, context, b)})
+            print(json.dumps(rows[-1]), flush=True)
+    if prefill_tokens:
+        group = []
+        for b in precisions:
+            for patched in (False, True):
+                row = {"kind": "prefill", "context": prefill_tokens, "bits": b, "patched": patched}
+                group.append({**row, **prefill_row(model, prefill_tokens, b, patched)})
+                print(json.dumps(group[-1]), flush=True)
+        _ratios(group, "prefill_tok_s")
+        rows += group
+    return rows
+
+
+def _precision(r: dict) -> str:
+    return "16-bit" if r["bits"] is None else f"{r['bits']}-bit"
+
+
+def _cell(r: dict, key: str, fmt: str) -> str:
+    return format(r[key], fmt) if key in r else "n/a"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    head = f"{result['model']}; {result['machine']}; mlx-lm {result['mlx_lm']}, group {GROUP}"
+    lines = [
+        head,
+        "",
+        "| context | KV | mlx-lm | KV MiB | x 16-bit (affine limit) | decode tok/s "
+        "| x unpatched 16-bit | peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in result["rows"] if r["kind"] == "decode"):
+        who = "patched" if r["patched"] else "unpatched"
+        if "error" in r:
+            lines.append(f"| {r['context']} | {_precision(r)} | {who} | fails: {r['error']} |||||")
+            continue
+        lines.append(
+            f"| {r['context']} | {_precision(r)} | {who} | {r['kv_bytes'] / 2**20:.1f} | "
+            f"{_cell(r, 'x_kv_bytes', '.3f')} ({r['affine_limit']:.3f}) | {r['tok_s']:.1f} | "
+            f"{_cell(r, 'x_tok_s', '.2f')} | {r['peak_bytes'] / 2**20:.0f} |"
+        )
+    lines += [
+        "",
+        "| prefill tokens | KV | mlx-lm | prefill tok/s | x unpatched 16-bit |",
+        "|---|---|---|---|---|",
+    ]
+    for r in (r for r in result["rows"] if r["kind"] == "prefill"):
+        who = "patched" if r["patched"] else "unpatched"
+        if "error" in r:
+            lines.append(f"| {r['context']} | {_precision(r)} | {who} | fails: {r['error']} ||")
+            continue
+        lines.append(
+            f"| {r['context']} | {_precision(r)} | {who} | {r['prefill_tok_s']:.1f} | "
+            f"{_cell(r, 'x_prefill_tok_s', '.2f')} |"
+        )
+    convert = [r for r in result["rows"] if r["kind"] == "quantize" and "convert_ms" in r]
+    if convert:
+        lines += ["", "One-off conversion of the 16-bit cache at --quantized-kv-start:"]
+        lines += [f"- {r['context']} tokens to {r['bits']}-bit: {r['convert_ms']:.1f} ms" for r in convert]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="models.yaml id (offline stand-in) or model folder")
+    which.add_argument("--config", type=Path, help="config.json: the real model class, random weights")
+    parser.add_argument("--contexts", type=int, nargs="*", default=[4096, 32768], help="none: prefill only")
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per setting")
+    parser.add_argument("--prefill", type=int, default=4096, help="prefill tokens timed (0: skip)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    name, model = load_model(args.model, args.config)
+    rows = run(model, args.contexts, args.bits, args.steps, args.prefill)
+    result = {
+        "model": name,
+        "machine": f"{platform.machine()} {platform.system()}, mlx {mx.__version__} ({mx.default_device()})",
+        "mlx_lm": version("mlx-lm"),
+        "steps": args.steps,
+        "rows": rows,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

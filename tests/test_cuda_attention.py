@@ -1,0 +1,62 @@
+"""The CUDA decode kernels equal attention on dequantized keys and values (gpu tier).
+
+Runs where MLX executes custom CUDA kernels (the lent H100: see README "CUDA backend");
+skipped elsewhere, where `cuda_attention.available()` is False and the kernels are unused.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from mlx_lm_ext import cuda_attention
+from mlx_lm_ext.fixes.quantized_attention import quantized_attention
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not cuda_attention.available(), reason="no custom CUDA kernels on this device"),
+]
+
+
+def _reference(q, qk, qv, scale, mask, sinks, group, bits, length):
+    """Attention by elementwise products and sums: exact in float32 (CUDA matmuls use TF32)."""
+    dk, dv = (mx.dequantize(*t, group_size=group, bits=bits)[..., :length, :] for t in (qk, qv))
+    repeats = q.shape[1] // dk.shape[1]
+    dk, dv = (mx.repeat(x.astype(mx.float32), repeats, axis=1) for x in (dk, dv))
+    scores = (q.astype(mx.float32)[..., :, None, :] * dk[..., None, :, :]).sum(-1) * scale
+    if mask == "causal":
+        L, T = scores.shape[-2:]
+        scores = mx.where(mx.arange(T - L, T)[:, None] >= mx.arange(T)[None], scores, -mx.inf)
+    if sinks is not None:
+        sink = mx.broadcast_to(sinks[None, :, None, None], scores.shape[:-1] + (1,))
+        scores = mx.concatenate([scores, sink], axis=-1)
+    probs = mx.softmax(scores, axis=-1)[..., :length]
+    return (probs[..., None] * dv[..., None, :, :]).sum(-2)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("dim,group", [(64, 64), (128, 64), (128, 32), (256, 128)])
+@pytest.mark.parametrize("n_q,n_kv,L", [(8, 8, 1), (32, 8, 1), (8, 2, 2)])
+def test_decode_kernels_match_dequantized_attention(bits, dim, group, n_q, n_kv, L):
+    mx.random.seed(bits * dim + n_q)
+    rows, length = 768, 700  # a buffer of three growth steps, its tail unused
+    qk, qv = (tuple(mx.quantize(mx.random.normal((2, n_kv, rows, dim)), group, bits)) for _ in range(2))
+    q = mx.random.normal((2, n_q, L, dim))
+    sinks = mx.random.normal((n_q,))
+    mask = "causal" if L > 1 else None
+    if not cuda_attention.supports(n_q // n_kv * L, dim, bits, group):
+        pytest.skip("shape outside the kernels: prompt path")
+    got = quantized_attention(q, qk, qv, dim**-0.5, mask, group, bits, sinks, length, kernels=True)
+    want = _reference(q, qk, qv, dim**-0.5, mask, sinks, group, bits, length)
+    assert mx.abs(got - want).max().item() < 1e-4
+
+
+def test_prompt_chunks_take_the_dequantized_path():
+    """2048 queries per KV head are beyond the kernels' registers: fused kernel, same result."""
+    mx.random.seed(5)
+    qk, qv = (tuple(mx.quantize(mx.random.normal((1, 2, 2304, 128)), 64, 8)) for _ in range(2))
+    q = mx.random.normal((1, 8, 512, 128)).astype(mx.bfloat16)
+    assert not cuda_attention.supports(4 * 512, 128, 8, 64)
+    got = quantized_attention(q, qk, qv, 0.088, "causal", 64, 8, length=2200)
+    want = _reference(q.astype(mx.float32), qk, qv, 0.088, "causal", None, 64, 8, 2200)
+    assert mx.abs(got.astype(mx.float32) - want).max().item() < 3e-2  # bf16 output
