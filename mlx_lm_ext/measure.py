@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -52,11 +53,29 @@ def prefill(model: Any, ids: list[int], settings: KVSettings, step: int = 512) -
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model, max_kv_size=settings.max_kv_size)
+    extend(model, cache, ids, settings, step)
+    return cache
+
+
+def extend(
+    model: Any,
+    cache: list[Any],
+    ids: list[int],
+    settings: KVSettings,
+    step: int,
+    progress: Callable[[int], Any] | None = None,
+) -> None:
+    """Feed `ids` into an existing cache in chunks of `step`, quantizing after each.
+
+    `progress` is called with each chunk's token count (a progress bar's update).
+    """
     for i in range(0, len(ids), step):
-        model(mx.array(ids[i : i + step])[None], cache=cache)
+        chunk = ids[i : i + step]
+        model(mx.array(chunk)[None], cache=cache)
         quantize(cache, settings)
         mx.eval([c.state for c in cache])
-    return cache
+        if progress is not None:
+            progress(len(chunk))
 
 
 def filled_cache(model: Any, n_tokens: int, settings: KVSettings, prefill_tokens: int = 512) -> list[Any]:

@@ -32,11 +32,17 @@ def decode_logprobs(model: Any, tokens: list[int], prefill: int, settings: KVSet
     factory (max_kv_size) and maybe_quantize_kv_cache after the prefill and each step.
     """
     from .measure import prefill as run_prefill
-    from .measure import quantize
 
     cache = run_prefill(model, tokens[:prefill], settings, step=prefill)
+    return step_logprobs(model, cache, tokens[prefill:], settings)
+
+
+def step_logprobs(model: Any, cache: list[Any], tokens: list[int], settings: KVSettings) -> mx.array:
+    """Log-probs after each token, fed one at a time and quantized after each step."""
+    from .measure import quantize
+
     out = []
-    for t in tokens[prefill:]:
+    for t in tokens:
         logits = model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32)
         quantize(cache, settings)
         out.append(logits - mx.logsumexp(logits))

@@ -19,7 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .quality import agreement, cache_nbytes
+from .quality import agreement, cache_nbytes, step_logprobs
 from .settings import KVSettings
 
 PREFILL_STEP = 2048  # generate_step's default prefill_step_size
@@ -56,7 +56,7 @@ def _one_precision(model, tokens, contexts, settings, decode_tokens, bar) -> lis
     from mlx_lm.models.cache import make_prompt_cache
 
     from . import apply, revert
-    from .measure import quantize
+    from .measure import extend
 
     apply(settings)
     try:
@@ -65,33 +65,17 @@ def _one_precision(model, tokens, contexts, settings, decode_tokens, bar) -> lis
         mx.reset_peak_memory()
         done, out = 0, []
         for context in contexts:
-            for i in range(done, context, PREFILL_STEP):
-                model(mx.array(tokens[i : min(i + PREFILL_STEP, context)])[None], cache=cache)
-                quantize(cache, settings)
-                mx.eval([c.state for c in cache])
-                bar.update(min(PREFILL_STEP, context - i))
+            extend(model, cache, tokens[done:context], settings, PREFILL_STEP, progress=bar.update)
             held, peak = cache_nbytes(cache), mx.get_peak_memory()
-            logprobs, seconds = _decode(model, cache, tokens[context : context + decode_tokens], settings)
+            tic = time.perf_counter()
+            logprobs = step_logprobs(model, cache, tokens[context : context + decode_tokens], settings)
+            seconds = time.perf_counter() - tic
             bar.update(decode_tokens)
-            point = Point(settings.kv_bits, context, held, peak, decode_tokens / seconds)
-            out.append((point, logprobs))
+            out.append((Point(settings.kv_bits, context, held, peak, decode_tokens / seconds), logprobs))
             done = context + decode_tokens
         return out
     finally:
         revert()
-
-
-def _decode(model, cache, tokens, settings) -> tuple[mx.array, float]:
-    from .measure import quantize
-
-    out = []
-    tic = time.perf_counter()
-    for t in tokens:
-        logits = model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32)
-        quantize(cache, settings)
-        out.append(logits - mx.logsumexp(logits))
-        mx.eval(out[-1])
-    return mx.stack(out), time.perf_counter() - tic
 
 
 def measure(
