@@ -49,10 +49,10 @@ def load_model(model: str | None, config: Path | None) -> tuple[str, Any]:
         return f"{config.stem} shape, random weights", net
     from mlx_lm import load
 
-    from mlx_lm_ext.zoo import get_entry, resolve
+    from mlx_lm_ext.report import model_source
 
-    folder = model if Path(model).is_dir() else str(resolve(get_entry(model), "offline"))
-    return model, load(folder)[0]
+    name, source, _ = model_source(model, offline=True)
+    return name, load(source)[0]
 
 
 def affine_limit(bits: int | None, dtype_bytes: int = 2) -> float:

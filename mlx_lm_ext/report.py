@@ -170,28 +170,36 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
-def resolve_config(model: str, offline: bool) -> tuple[str, dict[str, Any]]:
-    """config.json of a folder, a hub repo, or a models.yaml id (its hub repo; --offline: stand-in)."""
+def model_source(model: str, offline: bool) -> tuple[str, str, bool]:
+    """(name shown, what read_config and mlx_lm.load take, whether it is a models.yaml id).
+
+    A folder is itself; a models.yaml id is its hub repo, or with `offline` its stand-in's
+    folder; anything else is taken for a hub repo id.
+    """
     from .zoo import get_entry, resolve
 
     if Path(model).is_dir():
-        if (config := read_config(model)) is None:
-            raise SystemExit(f"report: {model} has no config.json")
-        return model, config
+        return model, model, False
     try:
         entry = get_entry(model)
-    except KeyError:  # not a models.yaml id: a hub repo id
-        entry = None
-    if entry is not None and offline:
-        return f"{entry.id} (offline stand-in)", read_config(str(resolve(entry, "offline")))
-    repo = entry.hub if entry is not None else model
-    config = read_config(repo)
-    if config is None:
-        hint = " (or --offline for its stand-in)" if entry is not None else ""
-        raise SystemExit(
-            f"report: cannot read config.json of {repo}: not a folder, and the hub is unreachable{hint}"
-        )
-    return repo, config
+    except KeyError:
+        return model, model, False
+    if offline:
+        return f"{entry.id} (offline stand-in)", str(resolve(entry, "offline")), True
+    return entry.hub, entry.hub, True
+
+
+def resolve_config(model: str, offline: bool) -> tuple[str, dict[str, Any]]:
+    """config.json of a folder, a hub repo, or a models.yaml id (its hub repo; --offline: stand-in)."""
+    name, source, catalogued = model_source(model, offline)
+    if (config := read_config(source)) is not None:
+        return name, config
+    if Path(source).is_dir():
+        raise SystemExit(f"report: {source} has no config.json")
+    hint = " (or --offline for its stand-in)" if catalogued else ""
+    raise SystemExit(
+        f"report: cannot read config.json of {source}: not a folder, and the hub is unreachable{hint}"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -250,30 +258,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _measure(args: argparse.Namespace, bits: list[int]) -> list[report_measure.Point]:
-    """Load the model (the folder resolve_config read) and run report_measure on it."""
+    """Load the model (where resolve_config read its config) and run report_measure on it."""
     from mlx_lm import load
 
-    folder = _model_folder(args.model, args.offline)
-    model, tokenizer = load(folder)
+    model, tokenizer = load(model_source(args.model, args.offline)[1])
     contexts = report_measure.context_points(args.context, args.points)
     text = args.prompt_file.read_text() if args.prompt_file else _corpus()
     tokens = report_measure.prompt_tokens(tokenizer, text, contexts[-1] + args.decode_tokens)
     return report_measure.measure(
         model, tokens, contexts, bits, args.kv_group_size, args.max_kv_size, args.decode_tokens
     )
-
-
-def _model_folder(model: str, offline: bool) -> str:
-    """What mlx_lm.load takes: a folder, a hub repo, or a models.yaml id's tier."""
-    from .zoo import get_entry, resolve
-
-    if Path(model).is_dir():
-        return model
-    try:
-        entry = get_entry(model)
-    except KeyError:
-        return model
-    return str(resolve(entry, "offline")) if offline else entry.hub
 
 
 def _corpus() -> str:
