@@ -148,11 +148,12 @@ def operands(keys, values, cache):
     extra work, where copying the views would rewrite the whole cache each step. KV
     shared from another layer comes with no buffer here and is copied.
     """
+    strided = strided_quantized_matmul()
     full = getattr(cache, "keys", None)
     whole = isinstance(full, (tuple, list)) and full[0].shape[-2] > keys[0].shape[-2]
-    if whole and (cuda_attention.available() or not strided_quantized_matmul()):
+    if whole and (not strided or cuda_attention.available()):
         return tuple(full), tuple(cache.values), keys[0].shape[-2]
-    if strided_quantized_matmul():
+    if strided:
         return keys, values, None
     return tuple(map(mx.contiguous, keys)), tuple(map(mx.contiguous, values)), None
 
