@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
+from results_io import emit, machine
 
 from mlx_lm_ext.fixes.quantized_attention import quantized_attention
 
@@ -105,7 +105,7 @@ def run(tokens: list[int], bits: list[int], iters: int) -> dict:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return {
-        "machine": f"{platform.machine()} {platform.system()}, mlx {mx.__version__} ({mx.default_device()})",
+        "machine": machine(),
         "shape": f"{Q_HEADS} query heads on {KV_HEADS} KV heads x {HEAD_DIM}, bf16, group {GROUP}",
         "iters": iters,
         "rows": rows,
@@ -134,10 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     result = run(args.tokens, args.bits, args.iters)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-    print(markdown(result))
+    emit(result, args.json, markdown)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """KV cache bytes, decode and prefill speed at 16, 8 and 4 bits: unpatched vs patched, one run.
 
-    python benchmarks/kv_speed.py --config benchmarks/configs/llama-3.2-1b.json \
-        --contexts 4096 32768 --json benchmarks/results/kv_speed-cpu.json
-    python benchmarks/kv_speed.py --model gemma-3          # a models.yaml stand-in
+    python benchmarks/kv_speed.py --model llama-3.2 --contexts 4096 32768 \
+        --json benchmarks/results/kv_speed-cpu.json          # a models.yaml stand-in
+    python benchmarks/kv_speed.py --config benchmarks/configs/llama-3.1-8b.json   # on a GPU
 
 Speed depends on shapes, not on weights, so `--config` builds the real mlx-lm model class
-from a config.json with random weights (a Llama-3.2-1B or 3.1-8B shape, say); `--model`
+from a config.json with random weights (a Llama-3.1-8B shape, say); `--model`
 loads a models.yaml entry's offline stand-in or a model folder. Each setting runs twice
 in the same process, on unpatched mlx-lm (every fix reverted) and patched
 (`mlx_lm_ext.apply`); a setting unpatched mlx-lm cannot run is recorded with its error.
@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from results_io import emit, machine
 
 import mlx_lm_ext
 from mlx_lm_ext.measure import decode_rate, filled_cache, prefill, quantize
@@ -166,6 +166,27 @@ def _cell(r: dict, key: str, fmt: str) -> str:
     return format(r[key], fmt) if key in r else "n/a"
 
 
+def _decode_cells(r: dict) -> str:
+    return (
+        f"{r['kv_bytes'] / 2**20:.1f} | {_cell(r, 'x_kv_bytes', '.3f')} ({r['affine_limit']:.3f}) | "
+        f"{r['tok_s']:.1f} | {_cell(r, 'x_tok_s', '.2f')} | {r['peak_bytes'] / 2**20:.0f}"
+    )
+
+
+def _prefill_cells(r: dict) -> str:
+    return f"{r['prefill_tok_s']:.1f} | {_cell(r, 'x_prefill_tok_s', '.2f')}"
+
+
+def _section(rows: list[dict], kind: str, cells: int, render) -> list[str]:
+    """Table lines of one kind of row: context, precision, delivery, then its own cells."""
+    out = []
+    for r in (r for r in rows if r["kind"] == kind):
+        who = "patched" if r["patched"] else "unpatched"
+        body = f"fails: {r['error']} " + "|" * cells if "error" in r else render(r) + " |"
+        out.append(f"| {r['context']} | {_precision(r)} | {who} | {body}")
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     head = f"{result['model']}; {result['machine']}; mlx-lm {result['mlx_lm']}, group {GROUP}"
     lines = [
@@ -175,30 +196,13 @@ def markdown(result: dict[str, Any]) -> str:
         "| x unpatched 16-bit | peak MiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in (r for r in result["rows"] if r["kind"] == "decode"):
-        who = "patched" if r["patched"] else "unpatched"
-        if "error" in r:
-            lines.append(f"| {r['context']} | {_precision(r)} | {who} | fails: {r['error']} |||||")
-            continue
-        lines.append(
-            f"| {r['context']} | {_precision(r)} | {who} | {r['kv_bytes'] / 2**20:.1f} | "
-            f"{_cell(r, 'x_kv_bytes', '.3f')} ({r['affine_limit']:.3f}) | {r['tok_s']:.1f} | "
-            f"{_cell(r, 'x_tok_s', '.2f')} | {r['peak_bytes'] / 2**20:.0f} |"
-        )
+    lines += _section(result["rows"], "decode", 5, _decode_cells)
     lines += [
         "",
         "| prefill tokens | KV | mlx-lm | prefill tok/s | x unpatched 16-bit |",
         "|---|---|---|---|---|",
     ]
-    for r in (r for r in result["rows"] if r["kind"] == "prefill"):
-        who = "patched" if r["patched"] else "unpatched"
-        if "error" in r:
-            lines.append(f"| {r['context']} | {_precision(r)} | {who} | fails: {r['error']} ||")
-            continue
-        lines.append(
-            f"| {r['context']} | {_precision(r)} | {who} | {r['prefill_tok_s']:.1f} | "
-            f"{_cell(r, 'x_prefill_tok_s', '.2f')} |"
-        )
+    lines += _section(result["rows"], "prefill", 2, _prefill_cells)
     convert = [r for r in result["rows"] if r["kind"] == "quantize" and "convert_ms" in r]
     if convert:
         lines += ["", "One-off conversion of the 16-bit cache at --quantized-kv-start:"]
@@ -221,15 +225,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(model, args.contexts, args.bits, args.steps, args.prefill)
     result = {
         "model": name,
-        "machine": f"{platform.machine()} {platform.system()}, mlx {mx.__version__} ({mx.default_device()})",
+        "machine": machine(),
         "mlx_lm": version("mlx-lm"),
         "steps": args.steps,
         "rows": rows,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-    print(markdown(result))
+    emit(result, args.json, markdown)
 
 
 if __name__ == "__main__":

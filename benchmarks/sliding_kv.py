@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from results_io import emit, machine
 
 import mlx_lm_ext
 from mlx_lm_ext.measure import decode_rate, filled_cache
@@ -86,7 +86,7 @@ def run(model_id: str, contexts: list[int], steps: int, quality_tokens: int) -> 
     configure(KVSettings())
     return {
         "model": model_id,
-        "machine": f"{platform.machine()} {platform.system()}, mlx {mx.__version__} ({mx.default_device()})",
+        "machine": machine(),
         "mlx_lm": version("mlx-lm"),
         "decode_steps": steps,
         "quality_tokens": quality_tokens,
@@ -120,10 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     result = run(args.model, args.contexts, args.steps, args.quality_tokens)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-    print(markdown(result))
+    emit(result, args.json, markdown)
 
 
 if __name__ == "__main__":
