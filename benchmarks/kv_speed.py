@@ -210,16 +210,22 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser with --model/--config (one of them) and --json."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="models.yaml id (offline stand-in) or model folder")
     which.add_argument("--config", type=Path, help="config.json: the real model class, random weights")
+    parser.add_argument("--json", type=Path, default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = model_parser(__doc__)
     parser.add_argument("--contexts", type=int, nargs="*", default=[4096, 32768], help="none: prefill only")
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per setting")
     parser.add_argument("--prefill", type=int, default=4096, help="prefill tokens timed (0: skip)")
-    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     name, model = load_model(args.model, args.config)
     rows = run(model, args.contexts, args.bits, args.steps, args.prefill)

@@ -20,15 +20,18 @@ CHUNKED = "chunked"
 CONCAT = "concat"
 LIST = "list"
 BATCH = "batch"
+BATCH_SLIDING = "batch-sliding"
+BATCH_QUANTIZED = "batch-quantized"
 
 # Checked in order: subclasses before their bases (ChunkedKVCache subclasses KVCache in
 # some releases, MambaCache subclasses ArraysCache).
 _CLASS_KINDS = (
+    ("BatchQuantizedRotatingKVCache", BATCH_QUANTIZED),
+    ("BatchQuantizedKVCache", BATCH_QUANTIZED),
     ("QuantizedRotatingKVCache", QUANTIZED_SLIDING),
-    ("BatchQuantizedKVCache", BATCH),
     ("QuantizedKVCache", QUANTIZED),
     ("ChunkedKVCache", CHUNKED),
-    ("BatchRotatingKVCache", BATCH),
+    ("BatchRotatingKVCache", BATCH_SLIDING),
     ("BatchKVCache", BATCH),
     ("RotatingKVCache", SLIDING),
     ("KVCache", FULL),
@@ -48,12 +51,12 @@ class UnknownCacheLayout(TypeError):
 def _classes() -> list[tuple[type, str]]:
     from mlx_lm.models import cache as cache_mod
 
-    from .caches import quantized_rotating
+    from .caches import batch_quantized, quantized_rotating
 
     # Ours and, where mlx-lm carries the patch series, upstream's class of the same name.
     found = []
     for name, kind in _CLASS_KINDS:
-        for module in (quantized_rotating, cache_mod):
+        for module in (batch_quantized, quantized_rotating, cache_mod):
             cls = getattr(module, name, None)
             if cls is not None and (cls, kind) not in found:
                 found.append((cls, kind))

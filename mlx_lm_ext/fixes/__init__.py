@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 
 from .base import Fix, PatchConflict, Patcher
+from .batch_quantized_cache import BatchQuantizedCache
+from .batch_quantized_rotating import BatchQuantizedRotating
 from .batchable_fallback import BatchableFallback
+from .batched_quantize import BatchedQuantize
 from .hybrid_quantize import HybridQuantize
 from .max_kv_size import MaxKvSize
 from .quantized_attention import QuantizedAttention
@@ -22,6 +25,9 @@ FIXES: list[Fix] = [
     MaxKvSize(),
     ServerKvFlags(),
     BatchableFallback(),
+    BatchQuantizedCache(),
+    BatchQuantizedRotating(),
+    BatchedQuantize(),
     RequestErrors(),
 ]
 BY_NAME = {f.name: f for f in FIXES}

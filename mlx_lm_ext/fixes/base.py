@@ -33,7 +33,10 @@ class Patcher:
                 f"{self.fix_name}: {getattr(owner, '__name__', owner)}.{attr} is not the "
                 "object this fix expects (patched by something else?); not applying"
             )
-        self._undo.append((owner, attr, current))
+        # On a class, restore the raw attribute (a classmethod stays a classmethod, an
+        # inherited one is deleted again) rather than what getattr bound.
+        previous = vars(owner).get(attr, _MISSING) if isinstance(owner, type) else current
+        self._undo.append((owner, attr, previous))
         setattr(owner, attr, new)
 
     def rebind(self, original: Any, new: Any, prefix: str = "mlx_lm") -> int:

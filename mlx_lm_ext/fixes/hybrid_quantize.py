@@ -28,20 +28,21 @@ KEPT = {
     layout.RECURRENT: "recurrent state, constant size",
     layout.QUANTIZED: "already quantized",
     layout.QUANTIZED_SLIDING: "already quantized",
+    layout.BATCH_QUANTIZED: "already quantized",
     layout.CHUNKED: "chunked attention, bounded by its chunk",
     layout.CONCAT: "ConcatenateKVCache has no quantized form",
-    layout.BATCH: "batch caches have no quantized form",
 }
+SLIDING_KINDS = (layout.SLIDING, layout.BATCH_SLIDING)
 
 
 def quantize_layer(cache: Any, start: int, group_size: int, bits: int, sliding: bool):
     """One layer's cache after quantization, whether it was converted now, and the
     reason when it is kept unquantized."""
     kind = layout.classify(cache)
-    if kind == layout.SLIDING and not sliding and not layout.is_bounded(cache):
+    if kind in SLIDING_KINDS and not sliding and not layout.is_bounded(cache):
         return cache, False, f"sliding window ({cache.max_size} tokens) kept at full precision"
-    if kind in (layout.FULL, layout.SLIDING):
-        if cache.offset < start:
+    if kind in (layout.FULL, layout.SLIDING, layout.BATCH, layout.BATCH_SLIDING):
+        if tokens_seen(cache, kind) < start:
             return cache, False, None
         return cache.to_quantized(group_size=group_size, bits=bits), True, None
     if kind == layout.LIST:
@@ -50,6 +51,17 @@ def quantize_layer(cache: Any, start: int, group_size: int, bits: int, sliding: 
         reasons = [r for _, _, r in inner if r]
         return cache, any(now for _, now, _ in inner), "; ".join(reasons) or None
     return cache, False, KEPT[kind]
+
+
+def tokens_seen(cache: Any, kind: str) -> int:
+    """The length quantized_kv_start is compared with. A batch converts as one: when its
+    longest request crosses the threshold (its buffer length, which is what the batch's
+    memory grows with); shorter requests batched with it are quantized from then on."""
+    if kind == layout.BATCH:
+        return cache._idx
+    if kind == layout.BATCH_SLIDING:
+        return cache._offset
+    return cache.offset
 
 
 def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_bits):

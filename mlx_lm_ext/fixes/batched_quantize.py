@@ -1,0 +1,164 @@
+"""Continuous batching carries a quantized KV cache: --kv-bits no longer serializes requests.
+
+Upstream: BatchGenerator never quantizes (nor could its batch caches, before
+batch_quantized_cache.py and batch_quantized_rotating.py), so mlx-lm 0.32 turns batching off when
+the server has `--kv-bits` (`_is_batchable`) and N concurrent requests are served one
+after another (mlx-lm #1353 and the seed PR). Here the batch caches quantize into
+caches/batch_quantized.py's classes; BatchGenerator takes `kv_bits`, `kv_group_size` and
+`quantized_kv_start` (default: the process settings, i.e. the server's flags) and after
+each step converts every batch whose longest request has crossed `quantized_kv_start`;
+caches of one layer that meet at a merge or a join are brought to one precision; and the
+server batches quantized requests wherever this path covers the model's layout, falling
+back to one-at-a-time serving (logged once) where it does not.
+Needs batch_quantized_cache.py and batch_quantized_rotating.py (the classes).
+Patch file: patches/0009-batched-quantized-kv.patch.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import logging
+from typing import Any
+
+from .. import layout
+from ..caches import batch_quantized as bq
+from ..settings import current
+from .base import Fix, Patcher
+from .hybrid_quantize import maybe_quantize_kv_cache
+
+log = logging.getLogger("mlx_lm_ext")
+COVERED = {layout.FULL, layout.SLIDING, layout.RECURRENT}
+_state: dict[str, Any] = {"originals": {}, "logged": set()}
+
+
+def _generate():
+    return importlib.import_module("mlx_lm.generate")
+
+
+def supported() -> bool:
+    """Does the installed BatchGenerator have the structure this fix hooks (0.31+)?"""
+    gen = _generate()
+    batch = getattr(gen, "BatchGenerator", None)
+    return all(hasattr(gen, f) for f in ("_merge_caches", "_extend_cache")) and hasattr(batch, "_next")
+
+
+def uncovered(model: Any) -> str | None:
+    """Why batching cannot serve this model's layout as the sequential path does, or None.
+
+    Batch rings drop a RotatingKVCache's `keep` tokens (upstream's BatchRotatingKVCache
+    has no `keep`), so caches bounded by --max-kv-size (keep=4) are served one at a time
+    whatever the precision; a layout with no batched quantized form is, with --kv-bits.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    def kinds(caches):
+        for c in caches:
+            kind = layout.classify(c, name)
+            yield from (kinds(layout.children(c)) if kind == layout.LIST else [(kind, c)])
+
+    name = layout.model_name(model)
+    try:
+        for kind, c in kinds(make_prompt_cache(model)):
+            if kind == layout.SLIDING and c.keep > 0:
+                return f"{name}: RotatingKVCache layers keep {c.keep} tokens, which batch caches drop"
+            if kind not in COVERED and current().kv_bits is not None:
+                return f"{name}: {type(c).__name__} layers ({kind}) have no batched quantized form"
+    except layout.UnknownCacheLayout as exc:
+        return str(exc)
+    return None
+
+
+def _extend_cache(cache_a, cache_b):
+    """mlx_lm.generate._extend_cache, first bringing each layer's pair to one precision."""
+    if not cache_a:
+        return cache_b
+    if not cache_b:
+        return cache_a
+    for i, (ca, cb) in enumerate(zip(cache_a, cache_b, strict=True)):
+        ca, cb = bq.align_precision(ca, cb)
+        ca.extend(cb)
+        cache_a[i] = ca
+    return cache_a
+
+
+# --- BatchGenerator: kv arguments and the conversion after each step ------------------
+
+
+def _init(self, model, *args, kv_bits=None, kv_group_size=None, quantized_kv_start=None, **kwargs):
+    """BatchGenerator.__init__ with upstream generate_step's three kv arguments."""
+    _state["originals"]["BatchGenerator.__init__"](self, model, *args, **kwargs)
+    settings = current()
+    bits = kv_bits if kv_bits is not None else settings.kv_bits
+    self._quantize_cache_fn = None
+    if bits is not None:
+        self._quantize_cache_fn = functools.partial(
+            maybe_quantize_kv_cache,
+            quantized_kv_start=settings.start if quantized_kv_start is None else quantized_kv_start,
+            kv_group_size=kv_group_size or settings.kv_group_size,
+            kv_bits=bits,
+        )
+
+
+def _next(self):
+    """One BatchGenerator step (a decode step and a prompt chunk), then the conversion."""
+    responses = _state["originals"]["BatchGenerator._next"](self)
+    quantize = getattr(self, "_quantize_cache_fn", None)
+    if quantize is not None:
+        for batch in (self._prompt_batch, self._generation_batch):
+            if batch.prompt_cache:
+                layout.remember_origin(self.model, batch.prompt_cache)
+                quantize(batch.prompt_cache)
+    return responses
+
+
+# --- server: batch quantized requests where the layout is covered ---------------------
+
+
+def _is_batchable(self, args) -> bool:
+    """Batch quantized requests too, except for layouts batching cannot serve (logged once)."""
+    model = self.model_provider.model
+    reason = _coverage(model) if model is not None else None  # None: upstream's own check
+    if reason is not None:
+        if reason not in _state["logged"]:
+            _state["logged"].add(reason)
+            log.info("%s: requests are served one at a time", reason)
+        return False
+    if current().kv_bits is None:
+        return _state["originals"]["ResponseGenerator._is_batchable"](self, args)
+    return self.model_provider.is_batchable and args.seed is None
+
+
+def _coverage(model: Any) -> str | None:
+    key = (id(model), current().kv_bits is not None, current().max_kv_size)
+    coverage = _state.setdefault("coverage", {})
+    if key not in coverage:
+        coverage[key] = uncovered(model)
+    return coverage[key]
+
+
+class BatchedQuantize(Fix):
+    name = "batched-quantized-kv"
+    summary = "continuous batching with a quantized KV cache (batch caches quantize; --kv-bits batches)"
+
+    def needed(self) -> bool:
+        gen = _generate()
+        return supported() and "kv_bits" not in inspect.signature(gen.BatchGenerator.__init__).parameters
+
+    def install(self, patcher: Patcher) -> None:
+        from mlx_lm import server
+
+        gen = _generate()
+        originals = _state["originals"]
+        originals.update(
+            {
+                "BatchGenerator.__init__": gen.BatchGenerator.__init__,
+                "BatchGenerator._next": gen.BatchGenerator._next,
+                "ResponseGenerator._is_batchable": server.ResponseGenerator._is_batchable,
+            }
+        )
+        patcher.rebind(gen._extend_cache, _extend_cache)
+        patcher.set(gen.BatchGenerator, "__init__", _init)
+        patcher.set(gen.BatchGenerator, "_next", _next)
+        patcher.set(server.ResponseGenerator, "_is_batchable", _is_batchable)
