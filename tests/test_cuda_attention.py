@@ -27,6 +27,8 @@ def _reference(q, qk, qv, scale, mask, sinks, group, bits, length):
     if mask == "causal":
         L, T = scores.shape[-2:]
         scores = mx.where(mx.arange(T - L, T)[:, None] >= mx.arange(T)[None], scores, -mx.inf)
+    elif mask is not None:
+        scores = mx.where(mask, scores, -mx.inf)
     if sinks is not None:
         sink = mx.broadcast_to(sinks[None, :, None, None], scores.shape[:-1] + (1,))
         scores = mx.concatenate([scores, sink], axis=-1)
@@ -49,6 +51,23 @@ def test_decode_kernels_match_dequantized_attention(bits, dim, group, n_q, n_kv,
     got = quantized_attention(q, qk, qv, dim**-0.5, mask, group, bits, sinks, length, kernels=True)
     want = _reference(q, qk, qv, dim**-0.5, mask, sinks, group, bits, length)
     assert mx.abs(got - want).max().item() < 1e-4
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("length", [5, 700, 5000])
+def test_batched_decode_with_padding_masks_and_sinks(bits, length):
+    """The flash kernel: three requests left-padded by different amounts (a batch cache's
+    bool mask), a buffer longer than the valid rows, and sinks."""
+    mx.random.seed(length + bits)
+    rows = length + 100
+    qk, qv = (tuple(mx.quantize(mx.random.normal((3, 8, rows, 128)), 64, bits)) for _ in range(2))
+    q = mx.random.normal((3, 32, 1, 128))
+    pads = mx.array([0, length // 3, length - 1])
+    mask = (mx.arange(length)[None] >= pads[:, None])[:, None, None, :]
+    for sinks in (None, mx.random.normal((32,))):
+        got = quantized_attention(q, qk, qv, 0.088, mask, 64, bits, sinks, length, kernels=True)
+        want = _reference(q, qk, qv, 0.088, mask, sinks, 64, bits, length)
+        assert mx.abs(got - want).max().item() < 1e-4
 
 
 def test_prompt_chunks_take_the_dequantized_path():

@@ -52,6 +52,12 @@ def quantized_attention(
     kernels = cuda_attention.available() if kernels is None else kernels
     if kernels and not cuda_attention.supports(n_repeats * L, D, bits, group_size):
         return dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, bits, sinks, length)
+    decode_mask = _decode_mask(mask, B, length or q_keys[0].shape[-2]) if kernels and L == 1 else False
+    if decode_mask is not False:
+        q = mx.reshape(_float32(queries) * scale, (B, n_kv_heads, n_repeats, D))
+        T = length or q_keys[0].shape[-2]
+        out = cuda_attention.flash_decode(q, q_keys, q_values, group_size, bits, T, decode_mask, sinks)
+        return mx.reshape(out, (B, n_q_heads, 1, -1)).astype(dtype)
     queries = mx.reshape(_float32(queries) * scale, (B, n_kv_heads, n_repeats * L, D))
     if kernels:
         scores = cuda_attention.scores(queries, q_keys, group_size, bits)
@@ -95,6 +101,19 @@ def dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, bi
         k, v = k[..., :length, :], v[..., :length, :]
     k, v = k.astype(queries.dtype), v.astype(queries.dtype)
     return mx.fast.scaled_dot_product_attention(queries, k, v, scale=scale, mask=mask, sinks=sinks)
+
+
+def _decode_mask(mask, batch: int, length: int):
+    """A one-query mask as the flash kernel reads it: None (no mask), additive float32
+    (batch or 1, length), or False where it has another shape (per-head masks)."""
+    if mask is None or isinstance(mask, str):  # "causal" over one query masks nothing
+        return None
+    if mask.shape[-1] != length or mask.size != mask.shape[0] * length or mask.shape[0] not in (1, batch):
+        return False
+    rows = mx.reshape(mask, (mask.shape[0] if mask.ndim > 2 else 1, length))
+    if rows.dtype == mx.bool_:
+        return mx.where(rows, 0.0, -mx.inf).astype(mx.float32)
+    return rows.astype(mx.float32)
 
 
 def _float32(x: mx.array) -> mx.array:
