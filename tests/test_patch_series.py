@@ -38,6 +38,11 @@ def test_patches_are_format_patch_with_tests_and_reviewable_size():
         text = (series.PATCHES / name).read_text()
         assert text.startswith("From 0000000000000000000000000000000000000000 ")
         assert re.search(r"^Subject: \[PATCH \d+/\d+\] ", text, re.M)
+        # The series' fixed author and date, whoever committed (refresh changes only what changed).
+        assert text.split("\n")[1:3] == [
+            f"From: {series.AUTHOR[0]} <{series.AUTHOR[1]}>",
+            "Date: Mon, 23 Nov 2026 00:00:00 +0000",
+        ], name
         assert re.search(r"^diff --git a/tests/", text, re.M), f"{name} adds no upstream test"
         changed = sum(1 for line in text.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---"))
         # A reviewable PR: 0007 (a new cache class, its helpers and test, in black's 88

@@ -8,6 +8,7 @@ name carries the slug of the monkeypatch that delivers the same change
 
 from __future__ import annotations
 
+import email.utils
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 PATCHES = Path(__file__).resolve().parents[2] / "patches"
@@ -160,6 +162,15 @@ def apply(tree: Path, patches: Path = PATCHES) -> list[str]:
     return names
 
 
+def _fixed_header(text: str) -> str:
+    """The patch with the series' author and date, whoever made the commit and when, so
+    that a refresh only changes what changed (format-patch copies the commit's own)."""
+    head, sep, rest = text.partition("\nSubject: ")
+    first = head.split("\n", 1)[0]  # "From <zero commit> Mon Sep 17 00:00:00 2001"
+    date = email.utils.format_datetime(datetime.fromisoformat(DATE.replace("Z", "+00:00")))
+    return f"{first}\nFrom: {AUTHOR[0]} <{AUTHOR[1]}>\nDate: {date}{sep}{rest}"
+
+
 def export(tree: Path, release: str, names: list[str], patches: Path = PATCHES) -> list[Path]:
     """Write the tree's commits since `base` as the series, named by `names` (slugs)."""
     commits = git(tree, "rev-list", "--reverse", "base..HEAD").stdout.split()
@@ -173,7 +184,7 @@ def export(tree: Path, release: str, names: list[str], patches: Path = PATCHES) 
         written = []
         for i, (src, name) in enumerate(zip(produced, names, strict=True), 1):
             target = patches / f"{i:04d}-{slug(name)}.patch"
-            target.write_text(src.read_text())
+            target.write_text(_fixed_header(src.read_text()))
             written.append(target)
     lines = [f"# against mlx-lm {release}", "# apply with: git am <file> (or quilt: patches/series)"]
     (patches / "series").write_text("\n".join(lines + [p.name for p in written]) + "\n")
