@@ -42,8 +42,7 @@ def _caches(model, ring: bool):
 
 
 def _walk(caches):
-    for c in caches:
-        yield from _walk(layout.children(c)) if layout.classify(c) == layout.LIST else [c]
+    return [c for _, c in layout.leaves(caches)]
 
 
 def _alone(model, prompt, cache, kv_bits=8, start=0):

@@ -8,6 +8,7 @@ skipped, so the classification lives in one place.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 # Kinds, in the vocabulary of models.yaml `layout`.
@@ -117,6 +118,13 @@ def classify(cache: Any, model: str | None = None) -> str:
 def children(cache: Any) -> list[Any]:
     """The caches inside a CacheList."""
     return list(cache.caches)
+
+
+def leaves(caches: list[Any], model: str | None = None) -> Iterator[tuple[str, Any]]:
+    """(kind, cache) of every cache, the members of CacheLists in their place."""
+    for c in caches:
+        kind = classify(c, model)
+        yield from leaves(children(c), model) if kind == LIST else [(kind, c)]
 
 
 def describe(caches: list[Any], model: str | None = None) -> list[str]:

@@ -66,23 +66,36 @@ def _nbytes(*trees: Any) -> int:
     return tree_reduce(lambda a, x: a + x.nbytes, [t for t in trees if t is not None], 0)
 
 
-def _quant_params(caches: list[Any]) -> tuple[int, int]:
-    """(group_size, bits) shared by the quantized members of a merge; one setting only."""
-    params = {(c.group_size, c.bits) for c in caches if getattr(c, "bits", None) is not None}
+def is_quantized(cache: Any) -> bool:
+    return getattr(cache, "bits", None) is not None
+
+
+def _as_quantized(caches: list[Any]) -> tuple[list[Any], int, int]:
+    """A merge's members all quantized with the one setting of its quantized members:
+    (caches, group_size, bits)."""
+    params = {(c.group_size, c.bits) for c in caches if is_quantized(c)}
     if len(params) != 1:
         raise ValueError(f"cannot batch caches quantized with different settings: {sorted(params)}")
-    return params.pop()
+    group_size, bits = params.pop()
+    converted = [c if is_quantized(c) else c.to_quantized(group_size=group_size, bits=bits) for c in caches]
+    return converted, group_size, bits
 
 
-def _merged_rows(rows: list[tuple[Triple | None, int]], length: int) -> Triple:
-    """Stack per-request rows right-justified in a (B, H, length, .) buffer of zeros."""
-    template = next(r for r, _ in rows if r is not None)
-    out = tuple(mx.zeros((len(rows), x.shape[1], length, x.shape[3]), x.dtype) for x in template)
-    for i, (r, n) in enumerate(rows):
-        if r is not None and n > 0:
+def _merged_rows(caches: list[Any], lengths: list[int], ordered) -> tuple[Triple, Triple]:
+    """Keys and values of per-request caches stacked right-justified in (B, H, max, .)
+    buffers of zeros; `ordered(cache, triple)` gives a cache's rows in temporal order."""
+    length = max(lengths)
+    merged = []
+    for name in ("keys", "values"):
+        rows = [(ordered(c, getattr(c, name)), n) for c, n in zip(caches, lengths, strict=True) if n]
+        template = rows[0][0]
+        out = tuple(mx.zeros((len(caches), x.shape[1], length, x.shape[3]), x.dtype) for x in template)
+        filled = (i for i, n in enumerate(lengths) if n)
+        for i, (r, n) in zip(filled, rows, strict=True):
             for dst, src in zip(out, r, strict=True):
                 dst[i : i + 1, :, length - n :] = src[..., -n:, :]
-    return out
+        merged.append(out)
+    return merged[0], merged[1]
 
 
 def _join(a: Any, b: Any) -> None:
@@ -221,18 +234,13 @@ class BatchQuantizedKVCache(_QuantizedRows, BatchKVCache):
     @classmethod
     def merge(cls, caches: list[Any]) -> BatchQuantizedKVCache:
         """Batch per-request caches, quantizing those still at 16 bits."""
-        group_size, bits = _quant_params(caches)
-        caches = [
-            c if hasattr(c, "bits") else c.to_quantized(group_size=group_size, bits=bits) for c in caches
-        ]
+        caches, group_size, bits = _as_quantized(caches)
         lengths = [c.offset if c.keys is not None else 0 for c in caches]
         max_length = max(lengths)
         if max_length == 0:
             return cls([0] * len(caches), group_size, bits)
-        rows = [(_rows(c.keys, None, n) if n else None, n) for c, n in zip(caches, lengths, strict=True)]
-        vrows = [(_rows(c.values, None, n) if n else None, n) for c, n in zip(caches, lengths, strict=True)]
         cache = cls([max_length - n for n in lengths], group_size, bits)
-        cache.keys, cache.values = _merged_rows(rows, max_length), _merged_rows(vrows, max_length)
+        cache.keys, cache.values = _merged_rows(caches, lengths, lambda c, v: _rows(v, None, c.offset))
         cache.offset = cache.offset + max_length
         cache._idx = max_length
         return cache
@@ -371,20 +379,13 @@ class BatchQuantizedRotatingKVCache(_QuantizedRows, BatchRotatingKVCache):
         max_size = caches[0].max_size
         if any(c.max_size != max_size for c in caches):
             raise ValueError("BatchQuantizedRotatingKVCache can only merge caches with the same maximum size")
-        group_size, bits = _quant_params(caches)
-        caches = [
-            c if hasattr(c, "bits") else c.to_quantized(group_size=group_size, bits=bits) for c in caches
-        ]
+        caches, group_size, bits = _as_quantized(caches)
         lengths = [c.size() for c in caches]
         max_length = max(lengths)
         if max_length == 0:
             return cls(max_size, [0] * len(caches), group_size, bits)
-        rows = [(c._temporal_order(c.keys) if n else None, n) for c, n in zip(caches, lengths, strict=True)]
-        vrows = [
-            (c._temporal_order(c.values) if n else None, n) for c, n in zip(caches, lengths, strict=True)
-        ]
         cache = cls(max_size, [max_length - n for n in lengths], group_size, bits)
-        cache.keys, cache.values = _merged_rows(rows, max_length), _merged_rows(vrows, max_length)
+        cache.keys, cache.values = _merged_rows(caches, lengths, lambda c, v: c._temporal_order(v))
         cache.offset = mx.array([c.offset for c in caches])
         cache._idx = cache._offset = max_length
         return cache
@@ -417,10 +418,6 @@ def batch_rotating_to_quantized(
     if self.keys is not None:
         quant.keys, quant.values = quant._quantize(self.keys), quant._quantize(self.values)
     return quant
-
-
-def is_quantized(cache: Any) -> bool:
-    return getattr(cache, "bits", None) is not None
 
 
 def align_precision(a: Any, b: Any) -> tuple[Any, Any]:

@@ -53,14 +53,9 @@ def uncovered(model: Any) -> str | None:
     """
     from mlx_lm.models.cache import make_prompt_cache
 
-    def kinds(caches):
-        for c in caches:
-            kind = layout.classify(c, name)
-            yield from (kinds(layout.children(c)) if kind == layout.LIST else [(kind, c)])
-
     name = layout.model_name(model)
     try:
-        for kind, c in kinds(make_prompt_cache(model)):
+        for kind, c in layout.leaves(make_prompt_cache(model), name):
             if kind == layout.SLIDING and c.keep > 0:
                 return f"{name}: RotatingKVCache layers keep {c.keep} tokens, which batch caches drop"
             if kind not in COVERED and current().kv_bits is not None:
@@ -108,7 +103,7 @@ def _next(self):
     if quantize is not None:
         for batch in (self._prompt_batch, self._generation_batch):
             if batch.prompt_cache:
-                layout.remember_origin(self.model, batch.prompt_cache)
+                layout.remember_origin(self.model, batch.prompt_cache[:1])  # the log line reads [0]
                 quantize(batch.prompt_cache)
     return responses
 

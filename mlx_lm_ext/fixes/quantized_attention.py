@@ -52,10 +52,10 @@ def quantized_attention(
     kernels = cuda_attention.available() if kernels is None else kernels
     if kernels and not cuda_attention.supports(n_repeats * L, D, bits, group_size):
         return dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, bits, sinks, length)
-    decode_mask = _decode_mask(mask, B, length or q_keys[0].shape[-2]) if kernels and L == 1 else False
+    T = length or q_keys[0].shape[-2]
+    decode_mask = _decode_mask(mask, B, T) if kernels and L == 1 else False
     if decode_mask is not False:
         q = mx.reshape(_float32(queries) * scale, (B, n_kv_heads, n_repeats, D))
-        T = length or q_keys[0].shape[-2]
         out = cuda_attention.flash_decode(q, q_keys, q_values, group_size, bits, T, decode_mask, sinks)
         return mx.reshape(out, (B, n_q_heads, 1, -1)).astype(dtype)
     queries = mx.reshape(_float32(queries) * scale, (B, n_kv_heads, n_repeats * L, D))
