@@ -12,8 +12,12 @@ in the same process, on unpatched mlx-lm (every fix reverted) and patched
 
 - bytes: the cache's arrays at `context` tokens (`measure.filled_cache`), against 16-bit
   and against the affine limit (bits/8 + two 16-bit values per group, over 2 bytes);
-- decode: tok/s of one-token steps on that cache (the better of two blocks of `--steps`),
-  against unpatched 16-bit;
+- decode: tok/s on that cache against unpatched 16-bit, the best of three blocks of
+  `--steps` tokens, two ways: `generate tok/s` through mlx-lm's own `generate_step`
+  (the next step's graph is built while the device runs the current one, as in
+  `mlx_lm.generate` and the server: what users get) and `step tok/s`, each step
+  evaluated before the next is built (dispatch and kernels add up, so it also shows
+  what a path costs in ops);
 - prefill: `--prefill` real tokens in generate_step's 2048-token chunks, quantized from
   the first chunk (`--quantized-kv-start 0`), timed on a second pass after a warm-up one;
 - quantize: the one-off conversion of the filled 16-bit cache when decode crosses
@@ -33,7 +37,7 @@ import mlx.core as mx
 from results_io import emit, machine
 
 import mlx_lm_ext
-from mlx_lm_ext.measure import decode_rate, filled_cache, prefill, quantize
+from mlx_lm_ext.measure import decode_rate, filled_cache, generation_rate, prefill, quantize
 from mlx_lm_ext.quality import cache_nbytes
 from mlx_lm_ext.settings import KVSettings
 
@@ -88,8 +92,11 @@ def decode_row(model: Any, context: int, bits: int | None, patched: bool, steps:
         _delivery(patched, _settings(bits))
         cache = filled_cache(model, context, _settings(bits))
         nbytes = cache_nbytes(cache)
-        tok_s = max(decode_rate(model, cache, steps) for _ in range(2))  # the better of two blocks
-        row = {"kv_bytes": nbytes, "tok_s": tok_s}
+        row = {
+            "kv_bytes": nbytes,
+            "gen_tok_s": max(generation_rate(model, cache, steps) for _ in range(3)),
+            "tok_s": max(decode_rate(model, cache, steps) for _ in range(3)),
+        }
         return {**row, "peak_bytes": mx.get_peak_memory()}
 
     return _guarded(measure)
@@ -139,8 +146,8 @@ def run(model: Any, contexts: list[int], bits: list[int], steps: int, prefill_to
                 row["affine_limit"] = affine_limit(b)
                 group.append(row)
                 print(json.dumps(row), flush=True)
-        _ratios(group, "kv_bytes")
-        _ratios(group, "tok_s")
+        for key in ("kv_bytes", "gen_tok_s", "tok_s"):
+            _ratios(group, key)
         rows += group
         for b in bits:
             row = {"kind": "quantize", "context": context, "bits": b, "patched": True}
@@ -169,6 +176,7 @@ def _cell(r: dict, key: str, fmt: str) -> str:
 def _decode_cells(r: dict) -> str:
     return (
         f"{r['kv_bytes'] / 2**20:.1f} | {_cell(r, 'x_kv_bytes', '.3f')} ({r['affine_limit']:.3f}) | "
+        f"{r['gen_tok_s']:.1f} | {_cell(r, 'x_gen_tok_s', '.2f')} | "
         f"{r['tok_s']:.1f} | {_cell(r, 'x_tok_s', '.2f')} | {r['peak_bytes'] / 2**20:.0f}"
     )
 
@@ -192,11 +200,11 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         head,
         "",
-        "| context | KV | mlx-lm | KV MiB | x 16-bit (affine limit) | decode tok/s "
-        "| x unpatched 16-bit | peak MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| context | KV | mlx-lm | KV MiB | x 16-bit (affine limit) | generate tok/s "
+        "| x unpatched 16-bit | step tok/s | x unpatched 16-bit | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += _section(result["rows"], "decode", 5, _decode_cells)
+    lines += _section(result["rows"], "decode", 7, _decode_cells)
     lines += [
         "",
         "| prefill tokens | KV | mlx-lm | prefill tok/s | x unpatched 16-bit |",

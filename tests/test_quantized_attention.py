@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
+from mlx_lm_ext import cuda_attention
 from mlx_lm_ext.fixes.quantized_attention import (
     dequantized_attention,
     packed_params,
@@ -88,3 +89,26 @@ def test_dequantized_attention_matches_the_quantized_path():
     want = quantized_attention(q, qk, qv, 0.09, "causal", 64, 4, sinks=sinks, length=260, kernels=False)
     got = dequantized_attention(q, qk, qv, 0.09, "causal", 64, 4, sinks=sinks, length=260)
     assert mx.abs(got - want).max().item() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "rows,dim,bits,group,per_lane",
+    [
+        (4, 128, 8, 64, 16),  # Llama-3.1-8B: a 16-byte load a lane, 8 lanes a row
+        (4, 128, 4, 64, 16),  # 8-byte loads
+        (8, 128, 8, 64, 8),  # more query rows per KV head: fewer dims a lane
+        (16, 128, 8, 64, 4),  # Qwen-style 16 query heads a KV head: a warp a row
+        (16, 128, 4, 64, None),  # 4 dims of 4 bits are less than a word
+        (8, 128, 2, 64, None),
+        (4, 64, 8, 32, 16),
+        (4, 256, 8, 128, 16),  # 16 lanes a row
+        (4, 80, 8, 64, None),  # 80 dims split into no power of two lanes
+    ],
+)
+def test_flash_split_keeps_lanes_whole_words_and_registers_bounded(rows, dim, bits, group, per_lane):
+    """The flash kernel's split of a row over lanes (pure arithmetic: runs everywhere)."""
+    assert cuda_attention.flash_split(rows, dim, bits, group) == per_lane
+    if per_lane:
+        lanes = dim // per_lane
+        assert 32 % lanes == 0 and per_lane * bits % 32 == 0 and group % per_lane == 0
+        assert rows * per_lane <= cuda_attention.FLASH_REGISTERS

@@ -50,14 +50,15 @@ def quantized_attention(
     n_kv_heads = q_keys[0].shape[-3]
     n_repeats = n_q_heads // n_kv_heads
     kernels = cuda_attention.available() if kernels is None else kernels
+    T = length or q_keys[0].shape[-2]
+    flash = kernels and L == 1 and cuda_attention.flash_split(n_repeats, D, bits, group_size)
+    decode_mask = _decode_mask(mask, B, T) if flash else False
+    if decode_mask is not False:
+        return cuda_attention.flash_decode(
+            queries, q_keys, q_values, scale, group_size, bits, T, decode_mask, sinks
+        )
     if kernels and not cuda_attention.supports(n_repeats * L, D, bits, group_size):
         return dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, bits, sinks, length)
-    T = length or q_keys[0].shape[-2]
-    decode_mask = _decode_mask(mask, B, T) if kernels and L == 1 else False
-    if decode_mask is not False:
-        q = mx.reshape(_float32(queries) * scale, (B, n_kv_heads, n_repeats, D))
-        out = cuda_attention.flash_decode(q, q_keys, q_values, group_size, bits, T, decode_mask, sinks)
-        return mx.reshape(out, (B, n_q_heads, 1, -1)).astype(dtype)
     queries = mx.reshape(_float32(queries) * scale, (B, n_kv_heads, n_repeats * L, D))
     if kernels:
         scores = cuda_attention.scores(queries, q_keys, group_size, bits)

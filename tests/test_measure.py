@@ -1,0 +1,22 @@
+"""The decode-rate helpers the benchmarks share, on a stand-in loaded through mlx_lm.load."""
+
+from __future__ import annotations
+
+from mlx_lm import load
+
+from mlx_lm_ext.measure import attention_layers, decode_rate, filled_cache, generation_rate
+from mlx_lm_ext.settings import KVSettings
+from mlx_lm_ext.zoo import get_entry, resolve
+
+
+def test_generation_rate_runs_mlx_lms_own_loop_on_the_given_cache():
+    """generate_step decodes on the filled 8-bit cache it is handed (the cache grows by
+    every step), and both rates are real timings (positive and finite)."""
+    model, _ = load(str(resolve(get_entry("llama-3.2"))))
+    cache = filled_cache(model, 300, KVSettings(kv_bits=8, quantized_kv_start=0))
+    before = attention_layers(cache)[0].offset
+    rate = generation_rate(model, cache, steps=6, warmup=2)
+    grown = attention_layers(cache)[0].offset - before
+    assert 8 <= grown <= 9  # the one-token prompt and the generated tokens (the last may be in flight)
+    assert hasattr(attention_layers(cache)[0], "bits")
+    assert 0 < rate < float("inf") and 0 < decode_rate(model, cache, steps=3, warmup=1) < float("inf")
