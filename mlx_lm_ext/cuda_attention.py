@@ -34,11 +34,42 @@ ROWS_PER_WARP = 4  # scores: tokens per warp, their loads issued together
 TOKENS_PER_WARP = 16  # weighted_sum: tokens per warp; 8 warps a block sum in shared memory
 WARPS = 8
 
+# Device helpers every kernel here is compiled with.
+_PACKED = """
+// One cache row's share for a lane: packed words of K and V, their group's scales and
+// biases, and the mask's bias for the row (-inf past the valid length).
+template <int NW>
+struct Row {
+    unsigned int k[NW];
+    unsigned int v[NW];
+    float ks, kb, vs, vb, bias;
+};
+
+// NW consecutive 32-bit words in one load (16, 8 or 4 bytes: rows are aligned to them).
+template <int NW>
+__device__ __forceinline__ void load_words(unsigned int* dst, const unsigned int* src) {
+    if (NW == 4) {
+        const uint4 w = *reinterpret_cast<const uint4*>(src);
+        dst[0] = w.x; dst[NW > 1 ? 1 : 0] = w.y; dst[NW > 2 ? 2 : 0] = w.z; dst[NW > 3 ? 3 : 0] = w.w;
+    } else if (NW == 2) {
+        const uint2 w = *reinterpret_cast<const uint2*>(src);
+        dst[0] = w.x; dst[NW > 1 ? 1 : 0] = w.y;
+    } else {
+        dst[0] = src[0];
+    }
+}
+
+// The u-th BITS-bit integer of `word` as a float: mantissa bits under 2^23, minus 2^23.
+template <int BITS>
+__device__ __forceinline__ float packed(unsigned int word, int u) {
+    return __uint_as_float(0x4B000000u | ((word >> (u * BITS)) & ((1u << BITS) - 1u))) - 8388608.f;
+}
+"""
+
 _HEAD = """
     constexpr int DPL = D / 32;
     constexpr int WPR = D * BITS / 32;
     constexpr int NG = D / GS;
-    constexpr unsigned int QM = (1u << BITS) - 1u;
     const int lane = threadIdx.x & 31;
     const int d0 = lane * DPL;
     const int T = n[0];
@@ -53,21 +84,21 @@ _LOAD = """
             #pragma unroll
             for (int i = 0; i < DPL; ++i) {
                 const int e = d0 + i;
-                const unsigned int word = w[row * WPR + (e * BITS) / 32];
-                v[i] = static_cast<float>((word >> ((e * BITS) % 32)) & ((1u << BITS) - 1u)) * sc + bi;
+                v[i] = packed<BITS>(w[row * WPR + (e * BITS) / 32], e % (32 / BITS)) * sc + bi;
             }
         }
 """
 
-# Which chunk of which (batch, KV head) this block takes, and this warp's tokens in it.
+# Which chunk of which (batch, KV head) this block takes, and this warp's `tpw` tokens in
+# it; n[1] is batch x KV heads and n[2] the chunks per head.
 _CHUNK = """
     const int C = n[2];
     if ((long)blockIdx.x >= (long)n[1] * C) return;
     const long bh = blockIdx.x / C;
     const int c = blockIdx.x - bh * C;
     const int wib = threadIdx.x >> 5;
-    const int t_begin = (c * WARPS + wib) * TPW;
-    const int t_end = min(T, t_begin + TPW);
+    const int t_begin = (c * WARPS + wib) * tpw;
+    const int t_end = min(T, t_begin + tpw);
 """
 
 _SCORES = (
@@ -111,6 +142,7 @@ _WEIGHTED = (
     _HEAD
     + """
     __shared__ float partial[WARPS][R * D];
+    const int tpw = TPW;
 """
     + _CHUNK
     + """
@@ -156,38 +188,9 @@ _WEIGHTED = (
 # of the inner loops: a lane's dims share one scale s and bias b, so q·(s·w + b) =
 # s·(q·w) + b·Σq and the weighted sum takes p·s per row plus Σ p·b. Packed integers
 # become floats by the 2^23 trick (an OR and a subtraction), not the slower conversion.
-_PACKED = """
-// One cache row's share for a lane: packed words of K and V, their group's scales and
-// biases, and the mask's bias for the row (-inf past the valid length).
-template <int NW>
-struct Row {
-    unsigned int k[NW];
-    unsigned int v[NW];
-    float ks, kb, vs, vb, bias;
-};
 
-// NW consecutive 32-bit words in one load (16, 8 or 4 bytes: rows are aligned to them).
-template <int NW>
-__device__ __forceinline__ void load_words(unsigned int* dst, const unsigned int* src) {
-    if (NW == 4) {
-        const uint4 w = *reinterpret_cast<const uint4*>(src);
-        dst[0] = w.x; dst[NW > 1 ? 1 : 0] = w.y; dst[NW > 2 ? 2 : 0] = w.z; dst[NW > 3 ? 3 : 0] = w.w;
-    } else if (NW == 2) {
-        const uint2 w = *reinterpret_cast<const uint2*>(src);
-        dst[0] = w.x; dst[NW > 1 ? 1 : 0] = w.y;
-    } else {
-        dst[0] = src[0];
-    }
-}
-
-// The u-th BITS-bit integer of `word` as a float: mantissa bits under 2^23, minus 2^23.
-template <int BITS>
-__device__ __forceinline__ float packed(unsigned int word, int u) {
-    return __uint_as_float(0x4B000000u | ((word >> (u * BITS)) & ((1u << BITS) - 1u))) - 8388608.f;
-}
-"""
-
-_FLASH = """
+_FLASH = (
+    """
     constexpr int LPR = D / VPL;
     constexpr int TS = 32 / LPR;
     constexpr int NW = VPL * BITS / 32;
@@ -202,16 +205,12 @@ _FLASH = """
     const int d0 = part * VPL;
     const int g = d0 / GS;
     const int T = n[0];
-    const int C = n[2];
-    if ((long)blockIdx.x >= (long)n[1] * C) return;
-    const long bh = blockIdx.x / C;
-    const int c = blockIdx.x - bh * C;
-    const int wib = threadIdx.x >> 5;
-    const int TB = n[5];
     const int tpw = n[7];
+"""
+    + _CHUNK
+    + """
+    const int TB = n[5];
     const float scale = __int_as_float(n[8]);
-    const int t_begin = (c * WARPS + wib) * tpw;
-    const int t_end = min(T, t_begin + tpw);
     const int has_mask = n[4];
     const int has_sinks = n[9];
     const float* mrow = mask + (bh / n[3]) * (long)n[6];
@@ -377,6 +376,7 @@ _FLASH = """
         out[bh * R * D + k] = static_cast<OutT>(total[r] > 0.f ? sum / total[r] : 0.f);
     }
 """
+)
 
 
 @functools.cache
@@ -395,6 +395,7 @@ def _kernel(name: str) -> object:
         input_names=[first, "w", "s", "b", "n"],
         output_names=["out"],
         source=source,
+        header=_PACKED,
     )
 
 
@@ -403,9 +404,11 @@ FLASH_REGISTERS = 64  # query rows x dims per lane, for the queries and again th
 FLASH_BLOCK_WARPS = 8  # warps a block, merged in shared memory
 
 
+@functools.cache
 def flash_split(rows: int, dim: int, bits: int, group_size: int) -> int | None:
     """Dims per lane for `flash_decode` (16, 8 or 4: fewer where more query rows share a
-    KV head, to stay in registers), or None where the shape has no split."""
+    KV head, to stay in registers), or None where the shape has no split. Remembered:
+    each decode step asks it twice a layer (choosing the path, then launching)."""
     for per_lane in (16, 8, 4):
         lanes = dim // per_lane
         if (
