@@ -12,12 +12,13 @@ in the same process, on unpatched mlx-lm (every fix reverted) and patched
 
 - bytes: the cache's arrays at `context` tokens (`measure.filled_cache`), against 16-bit
   and against the affine limit (bits/8 + two 16-bit values per group, over 2 bytes);
-- decode: tok/s on that cache against unpatched 16-bit, the best of three blocks of
-  `--steps` tokens, two ways: `generate tok/s` through mlx-lm's own `generate_step`
-  (the next step's graph is built while the device runs the current one, as in
-  `mlx_lm.generate` and the server: what users get) and `step tok/s`, each step
-  evaluated before the next is built (dispatch and kernels add up, so it also shows
-  what a path costs in ops);
+- decode: tok/s on that cache against unpatched 16-bit, the median of `--rounds` blocks
+  of `--steps` tokens, the settings taking turns block by block (all caches are filled
+  first, so a host whose speed drifts slows every setting alike), two ways:
+  `generate tok/s` through mlx-lm's own `generate_step` (the next step's graph is
+  built while the device runs the current one, as in `mlx_lm.generate` and the server:
+  what users get) and `step tok/s`, each step evaluated before the next is built
+  (dispatch and kernels add up, so it also shows what a path costs in ops);
 - prefill: `--prefill` real tokens in generate_step's 2048-token chunks, quantized from
   the first chunk (`--quantized-kv-start 0`), timed on a second pass after a warm-up one;
 - quantize: the one-off conversion of the filled 16-bit cache when decode crosses
@@ -29,15 +30,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import mlx.core as mx
 from results_io import emit, machine
 
 import mlx_lm_ext
-from mlx_lm_ext.measure import decode_rate, filled_cache, generation_rate, prefill, quantize
+from mlx_lm_ext.measure import decode_rate, filled_cache, generation_rate, interleaved, prefill, quantize
 from mlx_lm_ext.quality import cache_nbytes
 from mlx_lm_ext.settings import KVSettings
 
@@ -87,19 +90,50 @@ def _guarded(fn) -> dict[str, Any]:
         mlx_lm_ext.revert()
 
 
-def decode_row(model: Any, context: int, bits: int | None, patched: bool, steps: int) -> dict[str, Any]:
-    def measure() -> dict[str, Any]:
+def _filled(model: Any, context: int, bits: int | None, patched: bool, others: int) -> dict[str, Any]:
+    """One setting's cache, filled and decoded once (warm-up: kernels compiled, allocator
+    primed). Its peak is the process peak less `others`, the bytes of the other settings'
+    caches held meanwhile for the interleaved rounds."""
+
+    def fill() -> dict[str, Any]:
         _delivery(patched, _settings(bits))
         cache = filled_cache(model, context, _settings(bits))
-        nbytes = cache_nbytes(cache)
-        row = {
-            "kv_bytes": nbytes,
-            "gen_tok_s": max(generation_rate(model, cache, steps) for _ in range(3)),
-            "tok_s": max(decode_rate(model, cache, steps) for _ in range(3)),
-        }
-        return {**row, "peak_bytes": mx.get_peak_memory()}
+        nbytes = cache_nbytes(cache)  # at `context` tokens, before decoding grows it
+        generation_rate(model, cache, 4)
+        return {"cache": cache, "kv_bytes": nbytes, "peak_bytes": mx.get_peak_memory() - others}
 
-    return _guarded(measure)
+    return _guarded(fill)
+
+
+def _rates(model: Any, cache: list[Any], bits: int | None, patched: bool, steps: int) -> tuple[float, float]:
+    _delivery(patched, _settings(bits))
+    try:
+        return generation_rate(model, cache, steps), decode_rate(model, cache, steps)
+    finally:
+        mlx_lm_ext.revert()
+
+
+def decode_rows(model: Any, context: int, precisions: list, steps: int, rounds: int) -> list[dict[str, Any]]:
+    """A row per (precision, delivery): bytes and peak from filling its cache, then decode
+    rates as medians over `rounds` turns taken by all settings (`measure.interleaved`)."""
+    rows, caches = [], {}
+    for bits in precisions:
+        for patched in (False, True):
+            row = {"kind": "decode", "context": context, "bits": bits, "patched": patched}
+            others = sum(cache_nbytes(c) for c in caches.values())
+            row.update(_filled(model, context, bits, patched, others))
+            if "cache" in row:
+                caches[len(rows)] = row.pop("cache")
+            rows.append({**row, "affine_limit": affine_limit(bits)})
+    turns = {
+        i: partial(_rates, model, c, rows[i]["bits"], rows[i]["patched"], steps) for i, c in caches.items()
+    }
+    for i, rates in interleaved(turns, rounds).items():
+        gen, step = zip(*rates, strict=True)
+        rows[i].update(gen_tok_s=median(gen), tok_s=median(step), gen_rounds=gen, step_rounds=step)
+    del caches
+    mx.clear_cache()
+    return rows
 
 
 def prefill_row(model: Any, tokens: int, bits: int | None, patched: bool) -> dict[str, Any]:
@@ -134,18 +168,15 @@ def _ratios(rows: list[dict[str, Any]], key: str) -> None:
             r[f"x_{key}"] = r[key] / base[key]
 
 
-def run(model: Any, contexts: list[int], bits: list[int], steps: int, prefill_tokens: int) -> list[dict]:
+def run(
+    model: Any, contexts: list[int], bits: list[int], steps: int, prefill_tokens: int, rounds: int = 3
+) -> list[dict]:
     rows = []
     precisions = [None, *bits]
     for context in contexts:
-        group = []
-        for b in precisions:
-            for patched in (False, True):
-                row = {"kind": "decode", "context": context, "bits": b, "patched": patched}
-                row.update(decode_row(model, context, b, patched, steps))
-                row["affine_limit"] = affine_limit(b)
-                group.append(row)
-                print(json.dumps(row), flush=True)
+        group = decode_rows(model, context, precisions, steps, rounds)
+        for row in group:
+            print(json.dumps(row), flush=True)
         for key in ("kv_bytes", "gen_tok_s", "tok_s"):
             _ratios(group, key)
         rows += group
@@ -232,16 +263,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = model_parser(__doc__)
     parser.add_argument("--contexts", type=int, nargs="*", default=[4096, 32768], help="none: prefill only")
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
-    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per setting")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per setting and round")
+    parser.add_argument("--rounds", type=int, default=3, help="turns all settings take (medians)")
     parser.add_argument("--prefill", type=int, default=4096, help="prefill tokens timed (0: skip)")
     args = parser.parse_args(argv)
     name, model = load_model(args.model, args.config)
-    rows = run(model, args.contexts, args.bits, args.steps, args.prefill)
+    rows = run(model, args.contexts, args.bits, args.steps, args.prefill, args.rounds)
     result = {
         "model": name,
         "machine": machine(),
         "mlx_lm": version("mlx-lm"),
         "steps": args.steps,
+        "rounds": args.rounds,
         "rows": rows,
     }
     emit(result, args.json, markdown)

@@ -126,3 +126,17 @@ def decode_rate(model: Any, cache: list[Any], steps: int = 32, warmup: int = 2) 
     for _ in range(steps):
         mx.eval(model(token, cache=cache))
     return steps / (time.perf_counter() - tic)
+
+
+def interleaved(measures: dict[Any, Callable[[], Any]], rounds: int) -> dict[Any, list[Any]]:
+    """Every measurement `rounds` times, taking turns (all once, then all again, ...).
+
+    On a shared host the same 16-bit decode ranged 69-122 tok/s within one process (H100
+    machine, 32K tokens); measuring settings one after another lets that drift pass for a
+    difference between them, while turns spread it over all of them alike (take medians).
+    """
+    results: dict[Any, list[Any]] = {key: [] for key in measures}
+    for _ in range(rounds):
+        for key, measure in measures.items():
+            results[key].append(measure())
+    return results

@@ -46,7 +46,7 @@ def test_decode_kernels_match_dequantized_attention(bits, dim, group, n_q, n_kv,
     q = mx.random.normal((2, n_q, L, dim))
     sinks = mx.random.normal((n_q,))
     mask = "causal" if L > 1 else None
-    flash = L == 1 and cuda_attention.flash_split(n_q // n_kv, dim, bits, group)
+    flash = L == 1 and cuda_attention.flash_plan(n_q // n_kv, dim, bits, group, 2 * n_kv, length)
     if not (flash or cuda_attention.supports(n_q // n_kv * L, dim, bits, group)):
         pytest.skip("shape outside the kernels: prompt path")
     got = quantized_attention(q, qk, qv, dim**-0.5, mask, group, bits, sinks, length, kernels=True)
@@ -80,3 +80,30 @@ def test_prompt_chunks_take_the_dequantized_path():
     got = quantized_attention(q, qk, qv, 0.088, "causal", 64, 8, length=2200)
     want = _reference(q.astype(mx.float32), qk, qv, 0.088, "causal", None, 64, 8, 2200)
     assert mx.abs(got.astype(mx.float32) - want).max().item() < 3e-2  # bf16 output
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_flash_reads_strided_views_in_place(bits):
+    """Queries every other head of a larger array, cache buffers a batch-and-head slice of
+    larger ones: the kernel indexes by the arrays' strides instead of copying them."""
+    mx.random.seed(11 + bits)
+    big = (tuple(mx.quantize(mx.random.normal((3, 16, 1100, 128)), 64, bits)) for _ in range(2))
+    qk, qv = (tuple(x[1:, ::2] for x in t) for t in big)
+    q = mx.random.normal((2, 64, 1, 128))[:, ::2]
+    got = cuda_attention.flash_decode(q, qk, qv, 0.088, 64, bits, 1000)
+    want = _reference(q, qk, qv, 0.088, None, None, 64, bits, 1000)
+    assert mx.abs(got - want).max().item() < 1e-4
+
+
+def test_flash_calls_evaluated_together_keep_their_own_results():
+    """Independent launches in one graph (MLX may run them concurrently) and of two batch
+    sizes: each one's last-block counter is its own, so every result is exact."""
+    mx.random.seed(3)
+    cases = []
+    for batch, length in ((1, 4000), (2, 300), (1, 9000), (2, 5)):
+        qk, qv = (tuple(mx.quantize(mx.random.normal((batch, 8, length + 64, 128)), 64, 8)) for _ in range(2))
+        cases.append((mx.random.normal((batch, 32, 1, 128)), qk, qv, length))
+    got = [cuda_attention.flash_decode(q, qk, qv, 0.088, 64, 8, n) for q, qk, qv, n in cases]
+    mx.eval(got)
+    for out, (q, qk, qv, n) in zip(got, cases, strict=True):
+        assert mx.abs(out - _reference(q, qk, qv, 0.088, None, None, 64, 8, n)).max().item() < 1e-4

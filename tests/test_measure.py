@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlx_lm import load
 
-from mlx_lm_ext.measure import attention_layers, decode_rate, filled_cache, generation_rate
+from mlx_lm_ext.measure import attention_layers, decode_rate, filled_cache, generation_rate, interleaved
 from mlx_lm_ext.settings import KVSettings
 from mlx_lm_ext.zoo import get_entry, resolve
 
@@ -20,3 +20,12 @@ def test_generation_rate_runs_mlx_lms_own_loop_on_the_given_cache():
     assert 8 <= grown <= 9  # the one-token prompt and the generated tokens (the last may be in flight)
     assert hasattr(attention_layers(cache)[0], "bits")
     assert 0 < rate < float("inf") and 0 < decode_rate(model, cache, steps=3, warmup=1) < float("inf")
+
+
+def test_interleaved_takes_turns_round_by_round():
+    """A-B-C, A-B-C, ...: each setting sees the same stretch of the run, not its own."""
+    calls = []
+    measures = {key: (lambda key=key: calls.append(key) or len(calls)) for key in "abc"}
+    results = interleaved(measures, rounds=3)
+    assert calls == list("abcabcabc")
+    assert results == {"a": [1, 4, 7], "b": [2, 5, 8], "c": [3, 6, 9]}

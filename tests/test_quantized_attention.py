@@ -112,3 +112,20 @@ def test_flash_split_keeps_lanes_whole_words_and_registers_bounded(rows, dim, bi
         lanes = dim // per_lane
         assert 32 % lanes == 0 and per_lane * bits % 32 == 0 and group % per_lane == 0
         assert rows * per_lane <= cuda_attention.FLASH_REGISTERS
+
+
+@pytest.mark.parametrize("batch_heads", [1, 8, 24, 256])
+@pytest.mark.parametrize("length", [1, 5, 700, 4096, 32768, 131072, 1_000_000])
+@pytest.mark.parametrize("rows,step", [(4, 32), (8, 16), (16, 8), (1, 32)])
+def test_flash_chunks_cover_the_rows_and_fit_shared_memory(batch_heads, length, rows, step):
+    """The kernel cuts each KV head into the host's chunk count, ceil(length / C) rows
+    each rounded up to a block's step: every chunk non-empty, all rows covered, a
+    chunk's scores and all chunks' weights within the block's shared memory; past that
+    (1M tokens at 16 query rows a KV head) no plan."""
+    chunks = cuda_attention._flash_chunks(batch_heads, length, rows, step)
+    if chunks is None:  # too long for the merge: the caller takes another path
+        assert length > (cuda_attention.FLASH_SMEM // rows) ** 2 // 2
+        return
+    per_block = ((length + chunks - 1) // chunks + step - 1) // step * step  # as the kernel has it
+    assert (chunks - 1) * per_block < length <= chunks * per_block
+    assert per_block * rows <= cuda_attention.FLASH_SMEM and chunks * rows <= cuda_attention.FLASH_SMEM

@@ -51,8 +51,8 @@ def quantized_attention(
     n_repeats = n_q_heads // n_kv_heads
     kernels = cuda_attention.available() if kernels is None else kernels
     T = length or q_keys[0].shape[-2]
-    flash = kernels and L == 1 and cuda_attention.flash_split(n_repeats, D, bits, group_size)
-    decode_mask = _decode_mask(mask, B, T) if flash else False
+    plan = kernels and L == 1 and cuda_attention.flash_plan(n_repeats, D, bits, group_size, B * n_kv_heads, T)
+    decode_mask = _decode_mask(mask, B, T) if plan else False
     if decode_mask is not False:
         return cuda_attention.flash_decode(
             queries, q_keys, q_values, scale, group_size, bits, T, decode_mask, sinks
