@@ -2,6 +2,7 @@
 
     python benchmarks/attention_paths.py --tokens 4097 32769 \
         --json benchmarks/results/attention_paths-cpu.json
+    python benchmarks/attention_paths.py --tokens 32769 4097 257 --layers 32 --iters 10
 
 A growing quantized cache hands attention `buffer[..., :offset, :]`, a strided view. The
 paths compared, each on the same keys and values at `tokens` (offset one past a 256-row
@@ -18,7 +19,11 @@ growth step, as in decode):
                     where MLX has no CUDA backend)
 plus the one-off costs: quantizing the whole 16-bit cache (crossing --quantized-kv-start)
 and dequantizing it. Times are the mean of `--iters` evaluated steps after a warm-up (the
-first use of a kernel is JIT-compiled on CUDA).
+first use of a kernel is JIT-compiled on CUDA). With `--layers N`, a step is N layers,
+each on its own cache and fed the previous layer's output, evaluated once, as a model's
+decode step is: on CUDA one layer alone is a few kernels, so its time is mostly the cost
+of issuing them and varies ~2x between runs; a chain shows what a step pays (the time at
+a few hundred tokens is that issuing cost alone).
 """
 
 from __future__ import annotations
@@ -47,13 +52,15 @@ def timed(fn: Callable[[], mx.array], iters: int, warmup: int = 3) -> float:
     return (time.perf_counter() - tic) / iters * 1e3
 
 
-def paths(tokens: int, bits: int) -> dict[str, Callable[[], mx.array]]:
+def paths(tokens: int, bits: int, layers: int = 1) -> dict[str, Callable[[], mx.array]]:
     rows = (tokens + STEP - 1) // STEP * STEP
-    k = mx.random.normal((1, KV_HEADS, rows, HEAD_DIM)).astype(mx.bfloat16)
-    v = mx.random.normal((1, KV_HEADS, rows, HEAD_DIM)).astype(mx.bfloat16)
-    q = mx.random.normal((1, Q_HEADS, 1, HEAD_DIM)).astype(mx.bfloat16)
-    qk, qv = mx.quantize(k, GROUP, bits), mx.quantize(v, GROUP, bits)
-    mx.eval(k, v, q, qk, qv)
+    shape = (1, KV_HEADS, rows, HEAD_DIM)
+    ks = [mx.random.normal(shape).astype(mx.bfloat16) for _ in range(layers)]
+    vs = [mx.random.normal(shape).astype(mx.bfloat16) for _ in range(layers)]
+    q0 = mx.random.normal((1, Q_HEADS, 1, HEAD_DIM)).astype(mx.bfloat16)
+    qks = [mx.quantize(k, GROUP, bits) for k in ks]
+    qvs = [mx.quantize(v, GROUP, bits) for v in vs]
+    mx.eval(ks, vs, q0, qks, qvs)
     scale = HEAD_DIM**-0.5
 
     def view(t):
@@ -62,38 +69,54 @@ def paths(tokens: int, bits: int) -> dict[str, Callable[[], mx.array]]:
     def contiguous(t):
         return tuple(map(mx.contiguous, view(t)))
 
-    def dequantized():
-        dk, dv = (mx.dequantize(*view(t), group_size=GROUP, bits=bits) for t in (qk, qv))
+    def chain(layer: Callable[[mx.array, int], mx.array]) -> Callable[[], mx.array]:
+        """All layers, each taking the previous one's output as its queries."""
+
+        def step() -> mx.array:
+            q = q0
+            for i in range(layers):
+                q = layer(q, i)
+            return q
+
+        return step
+
+    def dequantized(q, i):
+        dk, dv = (mx.dequantize(*view(t), group_size=GROUP, bits=bits) for t in (qks[i], qvs[i]))
         return mx.fast.scaled_dot_product_attention(q, dk, dv, scale=scale)
 
+    def quantized(q, i, keys, values, **kw):
+        return quantized_attention(q, keys, values, scale, None, GROUP, bits, **kw)
+
     return {
-        "fp16 fused": lambda: mx.fast.scaled_dot_product_attention(
-            q, k[..., :tokens, :], v[..., :tokens, :], scale=scale
+        "fp16 fused": chain(
+            lambda q, i: mx.fast.scaled_dot_product_attention(
+                q, ks[i][..., :tokens, :], vs[i][..., :tokens, :], scale=scale
+            )
         ),
-        "strided views": lambda: quantized_attention(
-            q, view(qk), view(qv), scale, None, GROUP, bits, kernels=False
+        "strided views": chain(lambda q, i: quantized(q, i, view(qks[i]), view(qvs[i]), kernels=False)),
+        "contiguous copy": chain(
+            lambda q, i: quantized(q, i, contiguous(qks[i]), contiguous(qvs[i]), kernels=False)
         ),
-        "contiguous copy": lambda: quantized_attention(
-            q, contiguous(qk), contiguous(qv), scale, None, GROUP, bits, kernels=False
+        "whole buffer": chain(lambda q, i: quantized(q, i, qks[i], qvs[i], length=tokens, kernels=False)),
+        "dequantize+fused": chain(dequantized),
+        "custom CUDA kernels": chain(
+            lambda q, i: quantized(q, i, qks[i], qvs[i], length=tokens, kernels=True)
         ),
-        "whole buffer": lambda: quantized_attention(
-            q, qk, qv, scale, None, GROUP, bits, length=tokens, kernels=False
-        ),
-        "dequantize+fused": dequantized,
-        "custom CUDA kernels": lambda: quantized_attention(
-            q, qk, qv, scale, None, GROUP, bits, length=tokens, kernels=True
-        ),
-        "one-off: quantize the 16-bit cache": lambda: mx.quantize(k[..., :tokens, :], GROUP, bits)[0],
-        "one-off: dequantize the cache": lambda: mx.dequantize(*view(qk), group_size=GROUP, bits=bits),
+        "one-off: quantize the 16-bit cache": lambda: [
+            mx.quantize(k[..., :tokens, :], GROUP, bits)[0] for k in ks
+        ],
+        "one-off: dequantize the cache": lambda: [
+            mx.dequantize(*view(t), group_size=GROUP, bits=bits) for t in qks
+        ],
     }
 
 
-def run(tokens: list[int], bits: list[int], iters: int) -> dict:
+def run(tokens: list[int], bits: list[int], iters: int, layers: int = 1) -> dict:
     rows = []
     for n in tokens:
         for b in bits:
             base = None
-            for name, fn in paths(n, b).items():
+            for name, fn in paths(n, b, layers).items():
                 row = {"tokens": n, "bits": b, "path": name}
                 try:
                     row["ms"] = timed(fn, iters)
@@ -108,13 +131,14 @@ def run(tokens: list[int], bits: list[int], iters: int) -> dict:
         "machine": machine(),
         "shape": f"{Q_HEADS} query heads on {KV_HEADS} KV heads x {HEAD_DIM}, bf16, group {GROUP}",
         "iters": iters,
+        "layers": layers,
         "rows": rows,
     }
 
 
 def markdown(result: dict) -> str:
     lines = [
-        f"{result['machine']}; one layer's decode attention, {result['shape']}",
+        f"{result['machine']}; decode attention of {result.get('layers', 1)} layer(s), {result['shape']}",
         "",
         "| tokens | bits | path | ms | x fp16 fused time |",
         "|---|---|---|---|---|",
@@ -131,9 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4097, 32769])
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=1, help="layers chained into one timed step")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    result = run(args.tokens, args.bits, args.iters)
+    result = run(args.tokens, args.bits, args.iters, args.layers)
     emit(result, args.json, markdown)
 
 
