@@ -227,8 +227,10 @@ def _most_in_flight(spans: list[tuple[float, float]]) -> int:
 
 
 def test_concurrent_quantized_requests_are_batched(server):
-    """8 concurrent requests under --kv-bits are decoded together (most of them in flight
-    at once; served one at a time, at most one would be) and answer as when sent alone.
+    """8 concurrent requests under --kv-bits are decoded together (several in flight at
+    once; served one at a time, at most two would be, the next stream opening as the last
+    one's final chunk is read) and answer as when sent alone. How many overlap depends on
+    the host's load: usually all 8, once 3 in a CI run while the other test worker ran.
     A request that arrives while another prompt is prefilling at 8 bits attends to its
     own first chunk quantized (alone: at 16 bits), so its reply may differ within 8-bit
     error (test_batching.py bounds it), and the second round reuses the first round's
@@ -250,7 +252,7 @@ def test_concurrent_quantized_requests_are_batched(server):
             assert "which batch caches drop: requests are served one at a time" in server.output()
         assert in_flight <= 2
     else:
-        assert in_flight >= CONCURRENT // 2, in_flight
+        assert in_flight > 2, in_flight
         assert "served one at a time" not in server.output()
 
 
