@@ -84,7 +84,7 @@ def paths(tokens: int, bits: int, layers: int = 1) -> dict[str, Callable[[], mx.
         dk, dv = (mx.dequantize(*view(t), group_size=GROUP, bits=bits) for t in (qks[i], qvs[i]))
         return mx.fast.scaled_dot_product_attention(q, dk, dv, scale=scale)
 
-    def quantized(q, i, keys, values, **kw):
+    def quantized(q, keys, values, **kw):
         return quantized_attention(q, keys, values, scale, None, GROUP, bits, **kw)
 
     return {
@@ -93,15 +93,13 @@ def paths(tokens: int, bits: int, layers: int = 1) -> dict[str, Callable[[], mx.
                 q, ks[i][..., :tokens, :], vs[i][..., :tokens, :], scale=scale
             )
         ),
-        "strided views": chain(lambda q, i: quantized(q, i, view(qks[i]), view(qvs[i]), kernels=False)),
+        "strided views": chain(lambda q, i: quantized(q, view(qks[i]), view(qvs[i]), kernels=False)),
         "contiguous copy": chain(
-            lambda q, i: quantized(q, i, contiguous(qks[i]), contiguous(qvs[i]), kernels=False)
+            lambda q, i: quantized(q, contiguous(qks[i]), contiguous(qvs[i]), kernels=False)
         ),
-        "whole buffer": chain(lambda q, i: quantized(q, i, qks[i], qvs[i], length=tokens, kernels=False)),
+        "whole buffer": chain(lambda q, i: quantized(q, qks[i], qvs[i], length=tokens, kernels=False)),
         "dequantize+fused": chain(dequantized),
-        "custom CUDA kernels": chain(
-            lambda q, i: quantized(q, i, qks[i], qvs[i], length=tokens, kernels=True)
-        ),
+        "custom CUDA kernels": chain(lambda q, i: quantized(q, qks[i], qvs[i], length=tokens, kernels=True)),
         "one-off: quantize the 16-bit cache": lambda: [
             mx.quantize(k[..., :tokens, :], GROUP, bits)[0] for k in ks
         ],

@@ -66,6 +66,22 @@ __device__ __forceinline__ long at(const S& st, long b, long h, long t) {
     return b * st[0] + h * st[1] + t * st[2];
 }
 
+// A lane's share of U rows of one packed array: rows j0, j0 + STEP, ... (clamped to the
+// chunk's last row; those past it are loaded and not used), their scales and biases.
+template <int U, int NW, int STEP, typename T, typename S>
+__device__ __forceinline__ void load_rows(
+    unsigned int (&w)[U][NW], float (&scale)[U], float (&bias)[U],
+    const unsigned int* words, const T* scales, const T* biases,
+    const S& words_st, const S& scales_st, const S& biases_st, int j0, int rows) {
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const long j = min(j0 + u * STEP, rows - 1);
+        load_words<NW>(w[u], words + j * words_st[2]);
+        scale[u] = static_cast<float>(scales[j * scales_st[2]]);
+        bias[u] = static_cast<float>(biases[j * biases_st[2]]);
+    }
+}
+
 // The u-th BITS-bit integer of `word` as a float: mantissa bits under 2^23, minus 2^23.
 template <int BITS>
 __device__ __forceinline__ float packed(unsigned int word, int u) {
@@ -245,13 +261,7 @@ _FLASH = """
         for (int j0 = wib * TS + slot; j0 - slot < rows; j0 += STEP * U) {
             unsigned int w[U][NW];
             float s_[U], b_[U];
-            #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const long j = min(j0 + u * STEP, rows - 1);
-                load_words<NW>(w[u], k_w + j * kw_strides[2]);
-                s_[u] = static_cast<float>(k_s[j * ks_strides[2]]);
-                b_[u] = static_cast<float>(k_b[j * kb_strides[2]]);
-            }
+            load_rows<U, NW, STEP>(w, s_, b_, k_w, k_s, k_b, kw_strides, ks_strides, kb_strides, j0, rows);
             #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const int j = j0 + u * STEP;
@@ -312,13 +322,7 @@ _FLASH = """
     for (int j0 = wib * TS + slot; j0 - slot < rows; j0 += STEP * U) {
         unsigned int w[U][NW];
         float s_[U], b_[U];
-        #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const long j = min(j0 + u * STEP, rows - 1);
-            load_words<NW>(w[u], v_w + j * vw_strides[2]);
-            s_[u] = static_cast<float>(v_s[j * vs_strides[2]]);
-            b_[u] = static_cast<float>(v_b[j * vb_strides[2]]);
-        }
+        load_rows<U, NW, STEP>(w, s_, b_, v_w, v_s, v_b, vw_strides, vs_strides, vb_strides, j0, rows);
         #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int j = j0 + u * STEP;
