@@ -12,7 +12,8 @@ the sum stay in float32, as in `fixes.quantized_attention`. One-query decode ste
 through `flash_decode` instead: one launch per layer that reads each row once, scores
 a chunk into shared memory, then sums its weighted rows, and merges the chunks in the
 block that finishes last (32 layers at 32K tokens, 8-bit: 2.88 ms against 2.51 for the
-16-bit fused kernel). On MLX's CUDA backend every op a decode step adds costs ~7 us of
+16-bit fused kernel); it also reads a cache's 16-bit decode tail (caches/decode_tail.py)
+as one chunk more. On MLX's CUDA backend every op a decode step adds costs ~7 us of
 dispatch per layer (measured: a custom kernel, an add and a zeros+add all take 6-10 us
 each), so the flash path also leaves casts, reshapes, a second pass, parameter uploads
 and counter zeroing out of the graph. Figures: README "CUDA backend".
@@ -225,24 +226,33 @@ _FLASH = """
     const int g = d0 / GS;
     // Sizes come from the arrays' shapes and strides (kernel arguments): the keys are
     // passed as the view of their valid rows, so nothing is copied to the device a step.
+    // With HAS_TAIL, the last chunk of a (batch, KV head) is the cache's tail: rows
+    // T .. T + tk_shape[2] that are not quantized yet, 16-bit, in tk and tv.
     const int T = kw_shape[2];
     const int H = kw_shape[1];
     const int C = gridDim.x / (kw_shape[0] * H);
+    const int CQ = C - (HAS_TAIL ? 1 : 0);  // chunks over the quantized rows
     const long bh = blockIdx.x / C;
     const int c = blockIdx.x - bh * C;
     const long b = bh / H;
     const long h = bh - b * H;
-    const int per_block = ((T + C - 1) / C + STEP - 1) / STEP * STEP;
-    const int t_begin = c * per_block;
-    const int rows = min(T, t_begin + per_block) - t_begin;
+    const bool in_tail = HAS_TAIL && c == CQ;
+    const int per_block = ((T + CQ - 1) / CQ + STEP - 1) / STEP * STEP;
+    const int t_begin = in_tail ? T : c * per_block;
+    const int rows = in_tail ? tk_shape[2] : min(T, t_begin + per_block) - t_begin;
     const float scale = __int_as_float(SCALE);
+    // One output holds every chunk's partial sums, then their maxima, then their sums.
+    float* part_acc = parts;
+    float* part_m = parts + (long)gridDim.x * R * D;
+    float* part_l = part_m + (long)gridDim.x * R;
     // This chunk's rows: row j of an array x is at x + at(x_strides, ...) + j * x_strides[2].
-    const unsigned int* k_w = kw + at(kw_strides, b, h, t_begin) + part * NW;
-    const unsigned int* v_w = vw + at(vw_strides, b, h, t_begin) + part * NW;
-    const auto* k_s = ks + at(ks_strides, b, h, t_begin) + g;
-    const auto* k_b = kb + at(kb_strides, b, h, t_begin) + g;
-    const auto* v_s = vs + at(vs_strides, b, h, t_begin) + g;
-    const auto* v_b = vb + at(vb_strides, b, h, t_begin) + g;
+    const int t_q = in_tail ? 0 : t_begin;
+    const unsigned int* k_w = kw + at(kw_strides, b, h, t_q) + part * NW;
+    const unsigned int* v_w = vw + at(vw_strides, b, h, t_q) + part * NW;
+    const auto* k_s = ks + at(ks_strides, b, h, t_q) + g;
+    const auto* k_b = kb + at(kb_strides, b, h, t_q) + g;
+    const auto* v_s = vs + at(vs_strides, b, h, t_q) + g;
+    const auto* v_b = vb + at(vb_strides, b, h, t_q) + g;
     const float* mrow = mask + (mask_shape[0] > 1 ? b * mask_strides[0] : 0) + t_begin * mask_strides[1];
     {
         // Pass 1: this chunk's scores, row j of query r at sm[r * CH + j].
@@ -258,7 +268,28 @@ _FLASH = """
                 qsum[r] += qf[r][i];
             }
         }
-        for (int j0 = wib * TS + slot; j0 - slot < rows; j0 += STEP * U) {
+        if (HAS_TAIL && in_tail) {
+            for (int j = wib * TS + slot; j - slot < rows; j += STEP) {
+                const auto* kr = tk + at(tk_strides, b, h, min(j, rows - 1)) + d0;
+                float dot[R];
+                #pragma unroll
+                for (int r = 0; r < R; ++r) dot[r] = 0.f;
+                #pragma unroll
+                for (int i = 0; i < VPL; ++i) {
+                    const float kf = static_cast<float>(kr[i]);
+                    #pragma unroll
+                    for (int r = 0; r < R; ++r) dot[r] += qf[r][i] * kf;
+                }
+                const float bias = j < rows && HAS_MASK ? mrow[j * mask_strides[1]] : 0.f;
+                #pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    float sc = dot[r];
+                    #pragma unroll
+                    for (int off = LPR / 2; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffff, sc, off);
+                    if (part == 0 && j < rows) sm[r * CH + j] = sc + bias;
+                }
+            }
+        } else for (int j0 = wib * TS + slot; j0 - slot < rows; j0 += STEP * U) {
             unsigned int w[U][NW];
             float s_[U], b_[U];
             load_rows<U, NW, STEP>(w, s_, b_, k_w, k_s, k_b, kw_strides, ks_strides, kb_strides, j0, rows);
@@ -319,7 +350,20 @@ _FLASH = """
         #pragma unroll
         for (int i = 0; i < VPL; ++i) acc[r][i] = 0.f;
     }
-    for (int j0 = wib * TS + slot; j0 - slot < rows; j0 += STEP * U) {
+    if (HAS_TAIL && in_tail) {
+        for (int j = wib * TS + slot; j - slot < rows; j += STEP) {
+            const auto* vr = tv + at(tv_strides, b, h, min(j, rows - 1)) + d0;
+            float vf[VPL];
+            #pragma unroll
+            for (int i = 0; i < VPL; ++i) vf[i] = static_cast<float>(vr[i]);
+            #pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const float p = j < rows ? sm[r * CH + j] : 0.f;
+                #pragma unroll
+                for (int i = 0; i < VPL; ++i) acc[r][i] += p * vf[i];
+            }
+        }
+    } else for (int j0 = wib * TS + slot; j0 - slot < rows; j0 += STEP * U) {
         unsigned int w[U][NW];
         float s_[U], b_[U];
         load_rows<U, NW, STEP>(w, s_, b_, v_w, v_s, v_b, vw_strides, vs_strides, vb_strides, j0, rows);
@@ -413,8 +457,8 @@ def _kernel(name: str) -> object:
     if name == "flash":
         return mx.fast.cuda_kernel(
             name="mlx_lm_ext_qattn_flash",
-            input_names=["q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "sinks", "count"],
-            output_names=["out", "part_acc", "part_m", "part_l", "count_out"],
+            input_names=["q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "sinks", "count", "tk", "tv"],
+            output_names=["out", "parts", "count_out"],
             source=_FLASH,
             header=_PACKED,
             ensure_row_contiguous=False,  # strided queries and cache views are read in place
@@ -456,52 +500,62 @@ def flash_split(rows: int, dim: int, bits: int, group_size: int) -> int | None:
     return None
 
 
-def _flash_chunks(batch_heads: int, length: int, rows: int, step: int) -> int | None:
+def _flash_chunks(batch_heads: int, length: int, rows: int, step: int, extra: int = 0) -> int | None:
     """Chunks a (batch, KV head) is cut into, spreading the cache over about FLASH_BLOCKS
-    blocks. A chunk's rows (a multiple of a block's step; the kernel takes ceil(length /
-    chunks) rounded up to one) fit its scores in shared memory, and the chunks' weights
-    must fit there too: None past that length (262K tokens at 16 query rows, 4M at 4)."""
+    blocks with the `extra` chunks a KV head (the tail's) among them. A chunk's rows (a
+    multiple of a block's step; the kernel takes ceil(length / chunks) rounded up to one)
+    fit its scores in shared memory, and the chunks' weights must fit there too: None past
+    that length (262K tokens at 16 query rows, 4M at 4)."""
     most = FLASH_SMEM // rows // step * step
-    per_block = -(-batch_heads * length // FLASH_BLOCKS)
+    per_block = -(-batch_heads * length // max(FLASH_BLOCKS - batch_heads * extra, batch_heads))
     per_block = max(per_block, -(-length // most))
     per_block = min(most, max(step, -(-per_block // step) * step))
     chunks = -(-length // per_block)
-    return chunks if chunks * rows <= FLASH_SMEM else None
+    return chunks if (chunks + extra) * rows <= FLASH_SMEM else None
 
 
-def flash_plan(rows: int, dim: int, bits: int, group_size: int, batch_heads: int, length: int):
-    """(dims a lane, warps a block, chunks a KV head) for `flash_decode`, or None where the
-    shape has no `flash_split` or the length is past what a block's merge holds."""
+def flash_plan(rows: int, dim: int, bits: int, group_size: int, batch_heads: int, length: int, tail: int = 0):
+    """(dims a lane, warps a block, chunks a KV head over the quantized rows) for
+    `flash_decode`, or None where the shape has no `flash_split` or the length is past
+    what a block's merge holds. `tail`: rows of a 16-bit tail, one chunk more (its scores
+    must fit a block's shared memory)."""
     per_lane = flash_split(rows, dim, bits, group_size)
-    if per_lane is None:
+    if per_lane is None or tail * rows > FLASH_SMEM:
         return None
     warps = max(1, min(FLASH_BLOCK_WARPS, FLASH_SMEM // (rows * dim)))  # partial sums fit
-    chunks = _flash_chunks(batch_heads, length, rows, warps * 32 * per_lane // dim)
+    chunks = _flash_chunks(batch_heads, length, rows, warps * 32 * per_lane // dim, 1 if tail else 0)
     return None if chunks is None else (per_lane, warps, chunks)
 
 
 def flash_decode(
-    queries, q_keys, q_values, scale: float, group_size: int, bits: int, length: int, mask=None, sinks=None
+    queries,
+    q_keys,
+    q_values,
+    scale: float,
+    group_size: int,
+    bits: int,
+    length: int,
+    mask=None,
+    sinks=None,
+    tail=None,
 ):
     """softmax(scale·q·kᵀ + mask, sinks)·v for one query per head, queries (B, H·R, 1, D)
     (any float dtype, the output's; R query heads per KV head), over the first `length`
-    rows of quantized buffers (B, H, T_buf, .). `mask`: None or additive float32
-    (B or 1, length); `sinks`: (H·R,) logits, or None. The shape must have a
-    `flash_plan`. One kernel launch and one slice: no reshapes, casts, second pass or
+    rows of quantized buffers (B, H, T_buf, .) followed by `tail`: None or (keys, values)
+    16-bit rows (B, H, n, D) not quantized yet (caches/decode_tail.py). `mask`: None or
+    additive float32 (B or 1, length + n); `sinks`: (H·R,) logits, or None. The shape
+    must have a `flash_plan`. One kernel launch and one slice: no reshapes, casts, second pass or
     parameter upload as separate ops, which on MLX's CUDA backend cost more per layer than
     the kernel at 4K tokens (each ~7-10 us of dispatch; the kernel reads its sizes from
     the arrays' shapes and strides instead)."""
     B, H = q_keys[0].shape[:2]
     R, D = queries.shape[1] // H, queries.shape[-1]
-    per_lane, warps, C = flash_plan(R, D, bits, group_size, B * H, length)
-    template = _template(R, D, bits, group_size, VPL=per_lane, WARPS=warps, SMEM=FLASH_SMEM, U=FLASH_UNROLL)
-    template += [
-        ("SCALE", struct.unpack("i", struct.pack("f", scale))[0]),
-        ("HAS_MASK", mask is not None),
-        ("HAS_SINKS", sinks is not None),
-        ("OutT", queries.dtype),
-    ]
-    out, *_, _COUNTERS[B * H] = _kernel("flash")(
+    n = 0 if tail is None else tail[0].shape[-2]
+    per_lane, warps, C = flash_plan(R, D, bits, group_size, B * H, length, n)
+    C += 1 if tail is not None else 0
+    flags = (mask is not None, sinks is not None, tail is not None)
+    template = _flash_template(R, D, bits, group_size, per_lane, warps, scale, flags, queries.dtype)
+    out, _, _COUNTERS[B * H] = _kernel("flash")(
         inputs=[
             queries,
             q_keys[0][..., :length, :],  # its shape carries the length
@@ -510,14 +564,29 @@ def flash_decode(
             _none() if mask is None else mask,
             _none() if sinks is None else sinks.astype(mx.float32),
             _counter(B * H),
+            *(tail if tail is not None else (_none(), _none())),
         ],
-        template=template,
+        template=list(template),
         grid=(B * H * C * warps * 32, 1, 1),
         threadgroup=(warps * 32, 1, 1),
-        output_shapes=[queries.shape, (B * H * C * R * D,), (B * H * C * R,), (B * H * C * R,), (B * H,)],
-        output_dtypes=[queries.dtype] + [mx.float32] * 3 + [mx.int32],
+        output_shapes=[queries.shape, (B * H * C * R * (D + 2),), (B * H,)],
+        output_dtypes=[queries.dtype, mx.float32, mx.int32],
     )
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _flash_template(R, D, bits, group_size, per_lane, warps, scale, flags, dtype) -> tuple:
+    """The kernel's constants, built once per shape (a decode step asks for them each layer)."""
+    has_mask, has_sinks, has_tail = flags
+    return (
+        *_template(R, D, bits, group_size, VPL=per_lane, WARPS=warps, SMEM=FLASH_SMEM, U=FLASH_UNROLL),
+        ("SCALE", struct.unpack("i", struct.pack("f", scale))[0]),
+        ("HAS_MASK", has_mask),
+        ("HAS_SINKS", has_sinks),
+        ("HAS_TAIL", has_tail),
+        ("OutT", dtype),
+    )
 
 
 # The block that finishes a (batch, KV head) last is found by an atomic counter that

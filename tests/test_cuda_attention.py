@@ -10,6 +10,8 @@ import mlx.core as mx
 import pytest
 
 from mlx_lm_ext import cuda_attention
+from mlx_lm_ext.caches import decode_tail
+from mlx_lm_ext.fixes.base import Patcher
 from mlx_lm_ext.fixes.quantized_attention import quantized_attention
 
 pytestmark = [
@@ -18,9 +20,14 @@ pytestmark = [
 ]
 
 
-def _reference(q, qk, qv, scale, mask, sinks, group, bits, length):
-    """Attention by elementwise products and sums: exact in float32 (CUDA matmuls use TF32)."""
+def _reference(q, qk, qv, scale, mask, sinks, group, bits, length, tail=None):
+    """Attention by elementwise products and sums: exact in float32 (CUDA matmuls use TF32).
+    `tail`: (keys, values) 16-bit rows after the first `length` quantized ones."""
     dk, dv = (mx.dequantize(*t, group_size=group, bits=bits)[..., :length, :] for t in (qk, qv))
+    if tail is not None:
+        dk = mx.concatenate([dk, tail[0].astype(dk.dtype)], axis=-2)
+        dv = mx.concatenate([dv, tail[1].astype(dv.dtype)], axis=-2)
+        length += tail[0].shape[-2]
     repeats = q.shape[1] // dk.shape[1]
     dk, dv = (mx.repeat(x.astype(mx.float32), repeats, axis=1) for x in (dk, dv))
     scores = (q.astype(mx.float32)[..., :, None, :] * dk[..., None, :, :]).sum(-1) * scale
@@ -107,3 +114,40 @@ def test_flash_calls_evaluated_together_keep_their_own_results():
     mx.eval(got)
     for out, (q, qk, qv, n) in zip(got, cases, strict=True):
         assert mx.abs(out - _reference(q, qk, qv, 0.088, None, None, 64, 8, n)).max().item() < 1e-4
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("length,n", [(5, 1), (700, 37), (5000, 64)])
+def test_flash_reads_the_16_bit_tail_after_the_quantized_rows(bits, length, n):
+    """The tail (caches/decode_tail.py) is one chunk more: with padding masks over the
+    quantized rows and the tail, and sinks."""
+    mx.random.seed(length + n + bits)
+    qk, qv = (tuple(mx.quantize(mx.random.normal((3, 8, length + 100, 128)), 64, bits)) for _ in range(2))
+    tail = tuple(mx.random.normal((3, 8, n, 128)).astype(mx.bfloat16) for _ in range(2))
+    q = mx.random.normal((3, 32, 1, 128))
+    total = length + n
+    pads = mx.array([0, total // 3, total - 1])
+    mask = (mx.arange(total)[None] >= pads[:, None])[:, None, None, :]
+    for m, sinks in ((None, None), (mask, mx.random.normal((32,)))):
+        got = cuda_attention.flash_decode(
+            q, qk, qv, 0.088, 64, bits, length, m if m is None else _additive(m), sinks, tail
+        )
+        want = _reference(q, qk, qv, 0.088, m, sinks, 64, bits, length, tail)
+        assert mx.abs(got - want).max().item() < 1e-4
+
+
+def _additive(mask: mx.array) -> mx.array:
+    return mx.where(mask, 0.0, -mx.inf).reshape(mask.shape[0], -1).astype(mx.float32)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decode_through_the_tail_and_the_flash_kernel(bits):
+    """tests/test_decode_tail.py's step-by-step check, attention through the flash kernel."""
+    from test_decode_tail import decode_steps_match_reference
+
+    patcher = Patcher("test")
+    decode_tail.install(patcher)
+    try:
+        decode_steps_match_reference(bits)
+    finally:
+        patcher.undo()

@@ -14,7 +14,8 @@ from mlx_lm_ext.fixes import FIXES
 from mlx_lm_ext.patches import series
 
 # mlx-lm 0.32.0 added the kv_bits check to _is_batchable itself: no patch carries it.
-NO_PATCH = {"batchable-fallback"}
+# The decode tail serves the CUDA kernels, which the series does not carry.
+NO_PATCH = {"batchable-fallback", "quantized-decode-tail"}
 
 
 def test_every_fix_has_its_patch_and_names_it():

@@ -9,6 +9,7 @@ from .batch_quantized_cache import BatchQuantizedCache
 from .batch_quantized_rotating import BatchQuantizedRotating
 from .batchable_fallback import BatchableFallback
 from .batched_quantize import BatchedQuantize
+from .decode_tail import DecodeTail
 from .hybrid_quantize import HybridQuantize
 from .max_kv_size import MaxKvSize
 from .quantized_attention import QuantizedAttention
@@ -22,6 +23,7 @@ FIXES: list[Fix] = [
     QuantizedRotating(),
     HybridQuantize(),
     QuantizedAttention(),
+    DecodeTail(),
     MaxKvSize(),
     ServerKvFlags(),
     BatchableFallback(),

@@ -51,10 +51,16 @@ class Patcher:
                     count += 1
         return count
 
+    def defer(self, fn: Any) -> None:
+        """Call fn() on undo, after the replacements made after this call are undone."""
+        self._undo.append((None, fn, None))
+
     def undo(self) -> None:
         while self._undo:
             owner, attr, previous = self._undo.pop()
-            if previous is _MISSING:
+            if owner is None:
+                attr()
+            elif previous is _MISSING:
                 delattr(owner, attr)
             else:
                 setattr(owner, attr, previous)

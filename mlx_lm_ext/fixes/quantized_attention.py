@@ -25,6 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .. import cuda_attention
+from ..caches.decode_tail import tail_of
 from ..capability import strided_quantized_matmul
 from .base import Fix, Patcher
 
@@ -32,7 +33,7 @@ _original = None
 
 
 def quantized_attention(
-    queries, q_keys, q_values, scale, mask, group_size, bits, sinks=None, length=None, kernels=None
+    queries, q_keys, q_values, scale, mask, group_size, bits, sinks=None, length=None, kernels=None, tail=None
 ):
     """Attention over quantized keys/values, GQA-aware, with optional sinks.
 
@@ -44,21 +45,25 @@ def quantized_attention(
     tail of a cache buffer): their scores are dropped and their weights are zero. Where
     the device runs custom CUDA kernels (`kernels` None: probed), decode reads the cache
     through them and prompt chunks through `dequantized_attention` (cuda_attention.py).
+    `tail`: 16-bit rows that follow the quantized ones (caches/decode_tail.py), read by
+    the flash kernel, or else dequantized with the rest.
     """
     dtype = queries.dtype
     B, n_q_heads, L, D = queries.shape
     n_kv_heads = q_keys[0].shape[-3]
     n_repeats = n_q_heads // n_kv_heads
     kernels = cuda_attention.available() if kernels is None else kernels
-    T = length or q_keys[0].shape[-2]
-    plan = kernels and L == 1 and cuda_attention.flash_plan(n_repeats, D, bits, group_size, B * n_kv_heads, T)
-    decode_mask = _decode_mask(mask, B, T) if plan else False
-    if decode_mask is not False:
-        return cuda_attention.flash_decode(
-            queries, q_keys, q_values, scale, group_size, bits, T, decode_mask, sinks
-        )
+    args = (queries, q_keys, q_values, scale, mask, group_size, bits, sinks, length)
+    if kernels and L == 1:
+        out = _flash(*args, tail)
+        if out is not None:
+            return out
+    if tail is not None:
+        if kernels:
+            tail.decline()
+        return dequantized_attention(*args, tail)
     if kernels and not cuda_attention.supports(n_repeats * L, D, bits, group_size):
-        return dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, bits, sinks, length)
+        return dequantized_attention(*args)
     queries = mx.reshape(_float32(queries) * scale, (B, n_kv_heads, n_repeats * L, D))
     if kernels:
         scores = cuda_attention.scores(queries, q_keys, group_size, bits)
@@ -90,8 +95,29 @@ def quantized_attention(
     return mx.reshape(out, (B, n_q_heads, L, -1)).astype(dtype)
 
 
-def dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, bits, sinks=None, length=None):
-    """The fused 16-bit kernel on dequantized keys and values: for prompt chunks on CUDA.
+def _flash(queries, q_keys, q_values, scale, mask, group_size, bits, sinks, length, tail):
+    """One-query attention through `cuda_attention.flash_decode`, or None where the
+    shape, length or mask is one it does not take."""
+    B, n_q_heads, _, D = queries.shape
+    H = q_keys[0].shape[-3]
+    T = length or q_keys[0].shape[-2]
+    n = 0 if tail is None else tail.keys.shape[-2]
+    if not cuda_attention.flash_plan(n_q_heads // H, D, bits, group_size, B * H, T, n):
+        return None
+    decode_mask = _decode_mask(mask, B, T + n)
+    if decode_mask is False:
+        return None
+    rows = None if tail is None else (tail.keys, tail.values)
+    return cuda_attention.flash_decode(
+        queries, q_keys, q_values, scale, group_size, bits, T, decode_mask, sinks, rows
+    )
+
+
+def dequantized_attention(
+    queries, q_keys, q_values, scale, mask, group_size, bits, sinks=None, length=None, tail=None
+):
+    """The fused 16-bit kernel on dequantized keys and values (and the 16-bit `tail` rows
+    after them): for prompt chunks on CUDA, and decode steps the flash kernel cannot take.
 
     A chunk of L queries pays the dequantization once for L rows of output; on an H100
     quantized_matmul prefilled a 4K prompt of a Llama-3.1-8B shape at 95 tok/s against
@@ -101,6 +127,9 @@ def dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, bi
     if length is not None:
         k, v = k[..., :length, :], v[..., :length, :]
     k, v = k.astype(queries.dtype), v.astype(queries.dtype)
+    if tail is not None:
+        k = mx.concatenate([k, tail.keys.astype(k.dtype)], axis=-2)
+        v = mx.concatenate([v, tail.values.astype(v.dtype)], axis=-2)
     return mx.fast.scaled_dot_product_attention(queries, k, v, scale=scale, mask=mask, sinks=sinks)
 
 
@@ -154,8 +183,9 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sink
         group_size, bits = packed_params(queries, keys)
     else:
         return _original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+    tail = tail_of(keys)
     keys, values, length = operands(keys, values, cache)
-    return quantized_attention(queries, keys, values, scale, mask, group_size, bits, sinks, length)
+    return quantized_attention(queries, keys, values, scale, mask, group_size, bits, sinks, length, tail=tail)
 
 
 def operands(keys, values, cache):
@@ -169,10 +199,11 @@ def operands(keys, values, cache):
     shared from another layer comes with no buffer here and is copied.
     """
     strided = strided_quantized_matmul()
-    full = getattr(cache, "keys", None)
+    stored = {} if cache is None else vars(cache)  # the buffers as stored: no tail flushed
+    full = stored.get("keys")
     whole = isinstance(full, (tuple, list)) and full[0].shape[-2] > keys[0].shape[-2]
     if whole and (not strided or cuda_attention.available()):
-        return tuple(full), tuple(cache.values), keys[0].shape[-2]
+        return tuple(full), tuple(stored["values"]), keys[0].shape[-2]
     if strided:
         return keys, values, None
     return tuple(map(mx.contiguous, keys)), tuple(map(mx.contiguous, values)), None

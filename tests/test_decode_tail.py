@@ -1,0 +1,188 @@
+"""A quantized cache with a 16-bit decode tail stores what upstream stores and attends to
+every row once: quantized rows as upstream quantizes them, the newest at 16 bits.
+
+The tail is installed only where the flash kernel runs (CUDA); here it is installed by
+hand, and attention over it takes the dequantizing path (`decode_steps_match_reference`
+runs on the GPU too, from tests/test_cuda_attention.py, through the flash kernel).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+from mlx_lm_ext import cuda_attention
+from mlx_lm_ext.caches import decode_tail
+from mlx_lm_ext.caches.decode_tail import TAIL_ROWS
+from mlx_lm_ext.fixes import BY_NAME, quantized_attention
+from mlx_lm_ext.fixes.base import Patcher
+from mlx_lm_ext.fixes.quantized_attention import scaled_dot_product_attention
+
+
+@pytest.fixture
+def tail():
+    patcher = Patcher("test")
+    decode_tail.install(patcher)
+    yield patcher
+    patcher.undo()
+
+
+def _rows(n: int, heads: int = 2, dim: int = 64, seed: int = 0) -> tuple[mx.array, mx.array]:
+    k, v = mx.random.normal((2, 1, heads, n, dim), key=mx.random.key(seed))
+    return k.astype(mx.bfloat16), v.astype(mx.bfloat16)
+
+
+def _fill(cache, k, v, prompt: int, end: int | None = None) -> None:
+    """A prompt chunk, then one token a step up to row `end` (all rows: None)."""
+    cache.update_and_fetch(k[..., :prompt, :], v[..., :prompt, :])
+    for t in range(prompt, end or k.shape[2]):
+        cache.update_and_fetch(k[..., t : t + 1, :], v[..., t : t + 1, :])
+
+
+def _same(a, b, rows: int) -> bool:
+    return all(mx.array_equal(x[..., :rows, :], y[..., :rows, :]).item() for x, y in zip(a, b, strict=True))
+
+
+def test_state_holds_exactly_what_upstream_stores(tail):
+    k, v = _rows(300)
+    cache = QuantizedKVCache(group_size=32, bits=4)
+    _fill(cache, k, v, prompt=21)
+    assert 0 < vars(cache)["_pending"] < TAIL_ROWS  # decode went through the tail
+    keys, values, offset, *_ = cache.state
+    assert offset == 300 and vars(cache)["_pending"] == 0
+    assert _same(keys, mx.quantize(k, 32, 4), 300) and _same(values, mx.quantize(v, 32, 4), 300)
+
+
+def test_the_tail_is_quantized_every_tail_rows_tokens(tail):
+    k, v = _rows(10 + 3 * TAIL_ROWS)
+    cache = QuantizedKVCache()
+    cache.update_and_fetch(k[..., :10, :], v[..., :10, :])
+    pending = []
+    for t in range(10, k.shape[2]):
+        keys, values = cache.update_and_fetch(k[..., t : t + 1, :], v[..., t : t + 1, :])
+        pending.append(keys.tail.keys.shape[2])
+        assert keys[0].shape[2] + pending[-1] == cache.offset == t + 1
+        assert mx.array_equal(keys.tail.keys[..., -1:, :], k[..., t : t + 1, :]).item()
+    assert pending == list(range(1, TAIL_ROWS + 1)) * 3
+
+
+def decode_steps_match_reference(bits: int, n_q: int = 8, steps: int = 150) -> None:
+    """Each step attends through the cache's `Pending` triples, with the cache and without
+    (Gemma 4's KV-shared layers), as attention over the dequantized rows followed by the
+    tail's 16-bit rows computed from the inputs: no row missing, none counted twice."""
+    k, v = _rows(40 + steps, dim=128, seed=bits)
+    queries = mx.random.normal((1, n_q, steps, 128), key=mx.random.key(7)).astype(mx.bfloat16)
+    cache = QuantizedKVCache(group_size=64, bits=bits)
+    cache.update_and_fetch(k[..., :40, :], v[..., :40, :])
+    worst = 0.0
+    for s in range(steps):
+        t = 40 + s
+        keys, values = cache.update_and_fetch(k[..., t : t + 1, :], v[..., t : t + 1, :])
+        q = queries[..., s : s + 1, :]
+        split = keys[0].shape[2]  # rows quantized so far; the rest are the tail
+        ref_k, ref_v = (
+            mx.concatenate(
+                [
+                    mx.dequantize(*mx.quantize(x[..., :split, :], 64, bits), 64, bits),
+                    x[..., split : t + 1, :],
+                ],
+                2,
+            )
+            for x in (k, v)
+        )
+        want = mx.fast.scaled_dot_product_attention(q, ref_k, ref_v, scale=0.088, mask=None)
+        for owner in (cache, None):
+            got = scaled_dot_product_attention(q, keys, values, owner, scale=0.088, mask=None)
+            worst = max(worst, mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item())
+    assert worst < 2e-2  # bf16 outputs of unit-scale values
+    assert vars(cache)["_pending"] == steps % TAIL_ROWS or steps % TAIL_ROWS == 0
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("strided", [True, False])
+def test_decode_steps_match_reference(tail, bits, strided, monkeypatch):
+    """Also where quantized_matmul rejects strided views (as on CUDA): attention then
+    reads the cache's whole buffers, as stored, and must not quantize the tail."""
+    monkeypatch.setattr(quantized_attention, "strided_quantized_matmul", lambda: strided)
+    decode_steps_match_reference(bits)
+
+
+def test_every_reader_sees_every_row(tail):
+    k, v = _rows(120)
+    cache = QuantizedKVCache()
+    _fill(cache, k, v, prompt=100)
+    want = mx.quantize(k, 64, 8)
+    clone = copy.deepcopy(cache)
+    assert _same(clone.keys, want, 120) and clone.offset == 120
+    tail_bytes = 2 * k[..., :TAIL_ROWS, :].nbytes
+    buffers = sum(x.nbytes for x in (*vars(cache)["keys"], *vars(cache)["values"]))
+    assert cache.nbytes == buffers + tail_bytes  # the 16-bit tail is memory too
+    assert cache.trim(5) == 5 and cache.offset == 115
+    cache.update_and_fetch(k[..., 119:, :], v[..., 119:, :])  # row 115 is now token 119
+    assert _same(cache.keys, mx.quantize(mx.concatenate([k[..., :115, :], k[..., 119:, :]], 2), 64, 8), 116)
+
+
+def test_a_prompt_chunk_after_decode_lands_after_the_tail(tail):
+    k, v = _rows(200)
+    cache = QuantizedKVCache()
+    _fill(cache, k, v, prompt=100)  # 100 decode steps: some rows in the tail
+    keys, _ = cache.update_and_fetch(k[..., :30, :], v[..., :30, :])  # a chunk of 30
+    assert decode_tail.tail_of(keys) is None and cache.offset == 230
+    assert _same(keys, mx.quantize(mx.concatenate([k, k[..., :30, :]], 2), 64, 8), 230)
+
+
+def test_loaded_state_replaces_the_tail(tail):
+    k, v = _rows(90)
+    cache = QuantizedKVCache()
+    _fill(cache, k, v, prompt=80)
+    other = KVCache()
+    other.update_and_fetch(k[..., :50, :], v[..., :50, :])
+    cache.state = other.to_quantized(group_size=64, bits=8).state
+    assert cache.offset == 50 and vars(cache)["_pending"] == 0
+    assert _same(cache.keys, mx.quantize(k, 64, 8), 50)
+
+
+def test_declined_tail_goes_back_to_upstream_updates(tail):
+    k, v = _rows(80)
+    cache = QuantizedKVCache()
+    _fill(cache, k, v, prompt=60, end=70)
+    keys, _ = cache.update_and_fetch(k[..., 70:71, :], v[..., 70:71, :])
+    keys.tail.decline()
+    keys, _ = cache.update_and_fetch(k[..., 71:72, :], v[..., 71:72, :])
+    assert decode_tail.tail_of(keys) is None and keys[0].shape[2] == cache.offset == 72
+    assert _same(keys, mx.quantize(k, 64, 8), 72)
+
+
+def test_undo_quantizes_pending_rows_and_restores_the_class():
+    patcher = Patcher("test")
+    decode_tail.install(patcher)
+    k, v = _rows(75)
+    cache = QuantizedKVCache()
+    _fill(cache, k, v, prompt=70)
+    patcher.undo()
+    assert not decode_tail.installed() and "update_and_fetch" not in vars(QuantizedKVCache).get("keys", {})
+    assert cache.offset == 75 and _same(cache.keys, mx.quantize(k, 64, 8), 75)
+
+
+def test_installed_only_where_the_flash_kernel_reads_tails():
+    assert BY_NAME["quantized-decode-tail"].needed() == (
+        cuda_attention.available() and not decode_tail.installed() and _quantized_attention_installed()
+    )
+
+
+def _quantized_attention_installed() -> bool:
+    from mlx_lm.models import base
+
+    return base.scaled_dot_product_attention is scaled_dot_product_attention
+
+
+def test_flash_plan_leaves_room_for_the_tail_chunk():
+    rows = 16
+    assert cuda_attention.flash_plan(rows, 128, 8, 64, 8, 4096, TAIL_ROWS) is not None
+    assert cuda_attention.flash_plan(rows, 128, 8, 64, 8, 4096, cuda_attention.FLASH_SMEM // rows + 1) is None
+    for length in (1, 5000, 200_000, 262_000):
+        plan = cuda_attention.flash_plan(rows, 128, 8, 64, 8, length, TAIL_ROWS)
+        assert plan is None or (plan[2] + 1) * rows <= cuda_attention.FLASH_SMEM
