@@ -484,7 +484,7 @@ FLASH_UNROLL = 4  # rows each lane loads before computing on any
 def flash_split(rows: int, dim: int, bits: int, group_size: int) -> int | None:
     """Dims per lane for `flash_decode` (16, 8 or 4: fewer where more query rows share a
     KV head, to stay in registers), or None where the shape has no split. Remembered:
-    each decode step asks it twice a layer (choosing the path, then launching)."""
+    each decode step asks it for every layer."""
     for per_lane in (16, 8, 4):
         lanes = dim // per_lane
         if (
@@ -538,20 +538,22 @@ def flash_decode(
     mask=None,
     sinks=None,
     tail=None,
+    plan=None,
 ):
     """softmax(scale·q·kᵀ + mask, sinks)·v for one query per head, queries (B, H·R, 1, D)
     (any float dtype, the output's; R query heads per KV head), over the first `length`
     rows of quantized buffers (B, H, T_buf, .) followed by `tail`: None or (keys, values)
     16-bit rows (B, H, n, D) not quantized yet (caches/decode_tail.py). `mask`: None or
     additive float32 (B or 1, length + n); `sinks`: (H·R,) logits, or None. The shape
-    must have a `flash_plan`. One kernel launch and one slice: no reshapes, casts, second pass or
-    parameter upload as separate ops, which on MLX's CUDA backend cost more per layer than
+    must have a `flash_plan` (`plan`: the one the caller already made for it). One
+    kernel launch and one slice: no reshapes, casts, second pass or parameter upload as
+    separate ops, which on MLX's CUDA backend cost more per layer than
     the kernel at 4K tokens (each ~7-10 us of dispatch; the kernel reads its sizes from
     the arrays' shapes and strides instead)."""
     B, H = q_keys[0].shape[:2]
     R, D = queries.shape[1] // H, queries.shape[-1]
     n = 0 if tail is None else tail[0].shape[-2]
-    per_lane, warps, C = flash_plan(R, D, bits, group_size, B * H, length, n)
+    per_lane, warps, C = plan or flash_plan(R, D, bits, group_size, B * H, length, n)
     C += 1 if tail is not None else 0
     flags = (mask is not None, sinks is not None, tail is not None)
     template = _flash_template(R, D, bits, group_size, per_lane, warps, scale, flags, queries.dtype)

@@ -157,13 +157,15 @@ def test_declined_tail_goes_back_to_upstream_updates(tail):
 
 
 def test_undo_quantizes_pending_rows_and_restores_the_class():
+    original = QuantizedKVCache.update_and_fetch
     patcher = Patcher("test")
     decode_tail.install(patcher)
     k, v = _rows(75)
     cache = QuantizedKVCache()
     _fill(cache, k, v, prompt=70)
     patcher.undo()
-    assert not decode_tail.installed() and "update_and_fetch" not in vars(QuantizedKVCache).get("keys", {})
+    assert not decode_tail.installed() and "keys" not in vars(QuantizedKVCache)
+    assert QuantizedKVCache.update_and_fetch is original
     assert cache.offset == 75 and _same(cache.keys, mx.quantize(k, 64, 8), 75)
 
 

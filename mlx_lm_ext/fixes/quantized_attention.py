@@ -102,14 +102,15 @@ def _flash(queries, q_keys, q_values, scale, mask, group_size, bits, sinks, leng
     H = q_keys[0].shape[-3]
     T = length or q_keys[0].shape[-2]
     n = 0 if tail is None else tail.keys.shape[-2]
-    if not cuda_attention.flash_plan(n_q_heads // H, D, bits, group_size, B * H, T, n):
+    plan = cuda_attention.flash_plan(n_q_heads // H, D, bits, group_size, B * H, T, n)
+    if plan is None:
         return None
     decode_mask = _decode_mask(mask, B, T + n)
     if decode_mask is False:
         return None
     rows = None if tail is None else (tail.keys, tail.values)
     return cuda_attention.flash_decode(
-        queries, q_keys, q_values, scale, group_size, bits, T, decode_mask, sinks, rows
+        queries, q_keys, q_values, scale, group_size, bits, T, decode_mask, sinks, rows, plan
     )
 
 
