@@ -24,6 +24,7 @@ Whether the device runs CUDA kernels, and runs these correctly, is probed once
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import struct
 
@@ -227,7 +228,8 @@ _FLASH = """
     // Sizes come from the arrays' shapes and strides (kernel arguments): the keys are
     // passed as the view of their valid rows, so nothing is copied to the device a step.
     // With HAS_TAIL, the last chunk of a (batch, KV head) is the cache's tail: rows
-    // T .. T + tk_shape[2] that are not quantized yet, 16-bit, in tk and tv.
+    // T .. T + n that are not quantized yet, 16-bit, the first n rows of tk and tv
+    // (n + 1 = tn_shape[0]: a length passed as a shape, so no upload op a step).
     const int T = kw_shape[2];
     const int H = kw_shape[1];
     const int C = gridDim.x / (kw_shape[0] * H);
@@ -239,7 +241,7 @@ _FLASH = """
     const bool in_tail = HAS_TAIL && c == CQ;
     const int per_block = ((T + CQ - 1) / CQ + STEP - 1) / STEP * STEP;
     const int t_begin = in_tail ? T : c * per_block;
-    const int rows = in_tail ? tk_shape[2] : min(T, t_begin + per_block) - t_begin;
+    const int rows = in_tail ? tn_shape[0] - 1 : min(T, t_begin + per_block) - t_begin;
     const float scale = __int_as_float(SCALE);
     // One output holds every chunk's partial sums, then their maxima, then their sums.
     float* part_acc = parts;
@@ -454,23 +456,62 @@ _FLASH = """
 
 @functools.cache
 def _kernel(name: str) -> object:
-    if name == "flash":
-        return mx.fast.cuda_kernel(
-            name="mlx_lm_ext_qattn_flash",
-            input_names=["q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "sinks", "count", "tk", "tv"],
-            output_names=["out", "parts", "count_out"],
-            source=_FLASH,
-            header=_PACKED,
-            ensure_row_contiguous=False,  # strided queries and cache views are read in place
-        )
     source, first = {"scores": (_SCORES, "q"), "weighted": (_WEIGHTED, "p")}[name]
+    return _custom_kernel(name, [first, "w", "s", "b", "n"], ["out"], source)
+
+
+@functools.cache
+def _flash_kernel(R, D, bits, group_size, per_lane, warps, scale, flags, dtype) -> object:
+    """The flash kernel with its constants written into its source: a call then passes
+    no template (converting and hashing one costs a few us a layer a step)."""
+    has_mask, has_sinks, has_tail = flags
+    constants = (
+        *_template(R, D, bits, group_size, VPL=per_lane, WARPS=warps, SMEM=FLASH_SMEM, U=FLASH_UNROLL),
+        ("SCALE", struct.unpack("i", struct.pack("f", scale))[0]),
+        ("HAS_MASK", has_mask),
+        ("HAS_SINKS", has_sinks),
+        ("HAS_TAIL", has_tail),
+        ("OutT", dtype),
+    )
+    source = flash_source(constants)
+    inputs = ["q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "sinks", "count", "tk", "tv", "tn"]
+    # ensure_row_contiguous False: strided queries and cache views are read in place
+    return _custom_kernel("flash", inputs, ["out", "parts", "count_out"], source, ensure_row_contiguous=False)
+
+
+def _custom_kernel(name: str, inputs: list, outputs: list, source: str, **options) -> object:
+    """A kernel named for its source's digest: MLX caches compiled kernels on disk by name
+    alone (MLX_PTX_CACHE_DIR), so a kernel changed by an upgrade must not reuse it."""
     return mx.fast.cuda_kernel(
-        name=f"mlx_lm_ext_qattn_{name}",
-        input_names=[first, "w", "s", "b", "n"],
-        output_names=["out"],
+        name=kernel_name(name, source),
+        input_names=inputs,
+        output_names=outputs,
         source=source,
         header=_PACKED,
+        **options,
     )
+
+
+def kernel_name(name: str, source: str) -> str:
+    """`name` and a digest of the kernel's whole source (shared helpers included)."""
+    return f"mlx_lm_ext_qattn_{name}_{hashlib.sha256((_PACKED + source).encode()).hexdigest()[:16]}"
+
+
+def flash_source(constants: tuple) -> str:
+    """The flash kernel's body with its compile-time constants written first."""
+    return "".join(_constant(name, value) for name, value in constants) + _FLASH
+
+
+_CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float"}
+
+
+def _constant(name: str, value) -> str:
+    """One compile-time constant as MLX writes a template argument."""
+    if isinstance(value, bool):
+        return f"    constexpr bool {name} = {'true' if value else 'false'};\n"
+    if isinstance(value, int):
+        return f"    constexpr int {name} = {value};\n"
+    return f"    using {name} = {_CUDA_TYPES[value]};\n"
 
 
 FLASH_BLOCKS = 264  # blocks a decode step aims for: two an SM of an H100 (measured)
@@ -519,11 +560,20 @@ def flash_plan(rows: int, dim: int, bits: int, group_size: int, batch_heads: int
     `flash_decode`, or None where the shape has no `flash_split` or the length is past
     what a block's merge holds. `tail`: rows of a 16-bit tail, one chunk more (its scores
     must fit a block's shared memory)."""
+    if tail * rows > FLASH_SMEM:
+        return None
+    return _plan(rows, dim, bits, group_size, batch_heads, length, tail > 0)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(rows: int, dim: int, bits: int, group_size: int, batch_heads: int, length: int, tail: bool):
+    """`flash_plan` for a shape: remembered, as the quantized rows a layer reads change
+    once a tail's block (64 steps) and every layer of a model shares them."""
     per_lane = flash_split(rows, dim, bits, group_size)
-    if per_lane is None or tail * rows > FLASH_SMEM:
+    if per_lane is None:
         return None
     warps = max(1, min(FLASH_BLOCK_WARPS, FLASH_SMEM // (rows * dim)))  # partial sums fit
-    chunks = _flash_chunks(batch_heads, length, rows, warps * 32 * per_lane // dim, 1 if tail else 0)
+    chunks = _flash_chunks(batch_heads, length, rows, warps * 32 * per_lane // dim, int(tail))
     return None if chunks is None else (per_lane, warps, chunks)
 
 
@@ -538,57 +588,52 @@ def flash_decode(
     mask=None,
     sinks=None,
     tail=None,
-    plan=None,
 ):
     """softmax(scale·q·kᵀ + mask, sinks)·v for one query per head, queries (B, H·R, 1, D)
     (any float dtype, the output's; R query heads per KV head), over the first `length`
-    rows of quantized buffers (B, H, T_buf, .) followed by `tail`: None or (keys, values)
-    16-bit rows (B, H, n, D) not quantized yet (caches/decode_tail.py). `mask`: None or
-    additive float32 (B or 1, length + n); `sinks`: (H·R,) logits, or None. The shape
-    must have a `flash_plan` (`plan`: the one the caller already made for it). One
-    kernel launch and one slice: no reshapes, casts, second pass or parameter upload as
-    separate ops, which on MLX's CUDA backend cost more per layer than
-    the kernel at 4K tokens (each ~7-10 us of dispatch; the kernel reads its sizes from
-    the arrays' shapes and strides instead)."""
+    rows of quantized buffers (B, H, T_buf, .) followed by `tail`: None, or (keys,
+    values) 16-bit rows (B, H, n, D) not quantized yet (caches/decode_tail.py), or
+    (keys, values, n) for the first n rows of longer buffers. `mask`: None or additive
+    float32 (B or 1, length + n); `sinks`: (H·R,) logits, or None. The shape must have a
+    `flash_plan`. One kernel launch (and a slice where the keys hold more than `length`
+    rows): no reshapes, casts, second pass or parameter upload as separate ops, which on
+    MLX's CUDA backend cost more per layer than the kernel at 4K tokens (each ~7-10 us of
+    dispatch; the kernel reads its sizes from the arrays' shapes and strides instead)."""
     B, H = q_keys[0].shape[:2]
-    R, D = queries.shape[1] // H, queries.shape[-1]
-    n = 0 if tail is None else tail[0].shape[-2]
-    per_lane, warps, C = plan or flash_plan(R, D, bits, group_size, B * H, length, n)
-    C += 1 if tail is not None else 0
+    n = 0 if tail is None else tail[2] if len(tail) > 2 else tail[0].shape[-2]
     flags = (mask is not None, sinks is not None, tail is not None)
-    template = _flash_template(R, D, bits, group_size, per_lane, warps, scale, flags, queries.dtype)
-    out, _, _COUNTERS[B * H] = _kernel("flash")(
+    kernel, spec = _flash_call(queries.shape, queries.dtype, B, H, bits, group_size, length, scale, flags)
+    out, _, _COUNTERS[B * H] = kernel(
         inputs=[
             queries,
-            q_keys[0][..., :length, :],  # its shape carries the length
+            q_keys[0] if q_keys[0].shape[-2] == length else q_keys[0][..., :length, :],  # shape = length
             *q_keys[1:],
             *q_values,
             _none() if mask is None else mask,
             _none() if sinks is None else sinks.astype(mx.float32),
             _counter(B * H),
-            *(tail if tail is not None else (_none(), _none())),
+            *((_none(), _none()) if tail is None else tail[:2]),
+            _sized(n + 1),  # its shape carries the tail's rows
         ],
-        template=list(template),
-        grid=(B * H * C * warps * 32, 1, 1),
-        threadgroup=(warps * 32, 1, 1),
-        output_shapes=[queries.shape, (B * H * C * R * (D + 2),), (B * H,)],
-        output_dtypes=[queries.dtype, mx.float32, mx.int32],
+        **spec,
     )
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _flash_template(R, D, bits, group_size, per_lane, warps, scale, flags, dtype) -> tuple:
-    """The kernel's constants, built once per shape (a decode step asks for them each layer)."""
-    has_mask, has_sinks, has_tail = flags
-    return (
-        *_template(R, D, bits, group_size, VPL=per_lane, WARPS=warps, SMEM=FLASH_SMEM, U=FLASH_UNROLL),
-        ("SCALE", struct.unpack("i", struct.pack("f", scale))[0]),
-        ("HAS_MASK", has_mask),
-        ("HAS_SINKS", has_sinks),
-        ("HAS_TAIL", has_tail),
-        ("OutT", dtype),
-    )
+@functools.lru_cache(maxsize=256)
+def _flash_call(q_shape, dtype, B, H, bits, group_size, length, scale, flags) -> tuple:
+    """The kernel for a shape and its call's arguments but the inputs, made once: a decode
+    step asks for them every layer, and with a tail they change once a block (64 steps);
+    without one the length changes every step, and only the grid is made again."""
+    R, D = q_shape[1] // H, q_shape[-1]
+    per_lane, warps, C = flash_plan(R, D, bits, group_size, B * H, length, int(flags[2]))
+    C += 1 if flags[2] else 0
+    return _flash_kernel(R, D, bits, group_size, per_lane, warps, scale, flags, dtype), {
+        "grid": (B * H * C * warps * 32, 1, 1),
+        "threadgroup": (warps * 32, 1, 1),
+        "output_shapes": [q_shape, (B * H * C * R * (D + 2),), (B * H,)],
+        "output_dtypes": [dtype, mx.float32, mx.int32],
+    }
 
 
 # The block that finishes a (batch, KV head) last is found by an atomic counter that
@@ -605,10 +650,16 @@ def _counter(batch_heads: int) -> mx.array:
     return _COUNTERS[batch_heads]
 
 
-@functools.cache
 def _none() -> mx.array:
     """A placeholder for an absent mask or sinks: made once, not an op per call."""
-    return mx.zeros((1,), mx.float32)
+    return _sized(1)
+
+
+@functools.cache
+def _sized(n: int) -> mx.array:
+    """An array of n elements, never read: its shape passes n to a kernel without an
+    upload op a step (one array per tail length, made once)."""
+    return mx.zeros((n,), mx.float32)
 
 
 def supports(rows: int, dim: int, bits: int, group_size: int) -> bool:

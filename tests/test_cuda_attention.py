@@ -120,20 +120,24 @@ def test_flash_calls_evaluated_together_keep_their_own_results():
 @pytest.mark.parametrize("length,n", [(5, 1), (700, 37), (5000, 64)])
 def test_flash_reads_the_16_bit_tail_after_the_quantized_rows(bits, length, n):
     """The tail (caches/decode_tail.py) is one chunk more: with padding masks over the
-    quantized rows and the tail, and sinks."""
+    quantized rows and the tail, and sinks; passed as its rows, or as the first n rows of
+    64-row buffers (as the cache passes it) whose other rows must not be read."""
     mx.random.seed(length + n + bits)
     qk, qv = (tuple(mx.quantize(mx.random.normal((3, 8, length + 100, 128)), 64, bits)) for _ in range(2))
     tail = tuple(mx.random.normal((3, 8, n, 128)).astype(mx.bfloat16) for _ in range(2))
+    junk = mx.full((3, 8, 64 - n, 128), 1e4, mx.bfloat16)  # would swamp the output if read
+    buffers = (*(mx.concatenate([t, junk], axis=2) for t in tail), n)
     q = mx.random.normal((3, 32, 1, 128))
     total = length + n
     pads = mx.array([0, total // 3, total - 1])
     mask = (mx.arange(total)[None] >= pads[:, None])[:, None, None, :]
     for m, sinks in ((None, None), (mask, mx.random.normal((32,)))):
-        got = cuda_attention.flash_decode(
-            q, qk, qv, 0.088, 64, bits, length, m if m is None else _additive(m), sinks, tail
-        )
         want = _reference(q, qk, qv, 0.088, m, sinks, 64, bits, length, tail)
-        assert mx.abs(got - want).max().item() < 1e-4
+        for rows in (tail, buffers):
+            got = cuda_attention.flash_decode(
+                q, qk, qv, 0.088, 64, bits, length, m if m is None else _additive(m), sinks, rows
+            )
+            assert mx.abs(got - want).max().item() < 1e-4
 
 
 def _additive(mask: mx.array) -> mx.array:

@@ -188,3 +188,41 @@ def test_flash_plan_leaves_room_for_the_tail_chunk():
     for length in (1, 5000, 200_000, 262_000):
         plan = cuda_attention.flash_plan(rows, 128, 8, 64, 8, length, TAIL_ROWS)
         assert plan is None or (plan[2] + 1) * rows <= cuda_attention.FLASH_SMEM
+
+
+def test_decode_hands_the_flash_kernel_the_caches_own_arrays(tail, monkeypatch):
+    """Where the flash kernel runs, a decode step over a tail goes straight to it with the
+    views of the quantized rows the cache made for this block and the tail's whole
+    buffers with its row count: no slice, copy or upload op a layer a step."""
+    calls = []
+
+    def flash_decode(queries, q_keys, q_values, scale, group_size, bits, length, mask, sinks, rows):
+        calls.append((q_keys, q_values, length, rows))
+        return queries
+
+    monkeypatch.setattr(cuda_attention, "available", lambda: True)
+    monkeypatch.setattr(cuda_attention, "flash_decode", flash_decode)
+    k, v = _rows(300, heads=2, dim=128)
+    cache = QuantizedKVCache()
+    _fill(cache, k, v, prompt=200, end=234)  # 34 decode steps: 34 rows in the tail
+    q = mx.zeros((2, 1, 8, 1, 128), mx.bfloat16)[0]
+    for t in (234, 235):
+        keys, values = cache.update_and_fetch(k[..., t : t + 1, :], v[..., t : t + 1, :])
+        scaled_dot_product_attention(q, keys, values, cache, scale=0.1, mask=None)
+    (k1, v1, length1, rows1), (k2, _, length2, rows2) = calls
+    assert all(a is b for a, b in zip(k1, vars(cache)["_views"][1], strict=True))
+    assert all(a is b for a, b in zip(k2, k1, strict=True))  # the same views, step after step
+    assert length1 == length2 == 200 and k1[0].shape[2] == 200  # views: the buffer holds 256
+    assert rows1[0] is vars(cache)["_tail"][0] and rows1[1] is vars(cache)["_tail"][1]
+    assert (rows1[2], rows2[2]) == (35, 36) and rows1[0].shape[2] == TAIL_ROWS
+
+
+def test_tail_keys_are_its_first_rows(tail):
+    k, v = _rows(100)
+    cache = QuantizedKVCache()
+    _fill(cache, k, v, prompt=50, end=60)
+    keys, values = cache.update_and_fetch(k[..., 60:61, :], v[..., 60:61, :])
+    rows = keys.tail
+    assert rows.rows == 11 and rows.key_buffer.shape[2] == TAIL_ROWS
+    assert mx.array_equal(rows.keys, k[..., 50:61, :]).item()
+    assert mx.array_equal(rows.values, v[..., 50:61, :]).item()

@@ -6,6 +6,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_lm_ext import cuda_attention
+from mlx_lm_ext.fixes import quantized_attention as fix
 from mlx_lm_ext.fixes.quantized_attention import (
     dequantized_attention,
     packed_params,
@@ -129,3 +130,29 @@ def test_flash_chunks_cover_the_rows_and_fit_shared_memory(batch_heads, length, 
     per_block = ((length + chunks - 1) // chunks + step - 1) // step * step  # as the kernel has it
     assert (chunks - 1) * per_block < length <= chunks * per_block
     assert per_block * rows <= cuda_attention.FLASH_SMEM and chunks * rows <= cuda_attention.FLASH_SMEM
+
+
+def test_operands_read_buffers_the_view_fills_without_copies(monkeypatch):
+    """A cache whose buffer is exactly full returns the buffers themselves: attention
+    reads them as stored, with no length and no copy (mx.contiguous is an op a layer)."""
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    monkeypatch.setattr(fix, "strided_quantized_matmul", lambda: False)
+    cache = QuantizedKVCache()
+    x = mx.random.normal((1, 2, 256, 64))
+    keys, values = cache.update_and_fetch(x, x)  # 256 rows: one whole growth step
+    got_k, got_v, length = fix.operands(keys, values, cache)
+    assert length is None
+    assert all(a is b for a, b in zip(got_k, vars(cache)["keys"], strict=True))
+    assert all(a is b for a, b in zip(got_v, vars(cache)["values"], strict=True))
+
+
+def test_flash_kernels_are_named_for_their_source():
+    """MLX caches compiled kernels on disk by name: a changed source gets a new name."""
+    plan = (("R", 4), ("D", 128), ("HAS_TAIL", True), ("OutT", mx.bfloat16))
+    source = cuda_attention.flash_source(plan)
+    assert "constexpr int R = 4;" in source and "constexpr bool HAS_TAIL = true;" in source
+    assert "using OutT = __nv_bfloat16;" in source
+    other = cuda_attention.flash_source((("R", 8), *plan[1:]))
+    assert cuda_attention.kernel_name("flash", source) == cuda_attention.kernel_name("flash", source)
+    assert cuda_attention.kernel_name("flash", source) != cuda_attention.kernel_name("flash", other)

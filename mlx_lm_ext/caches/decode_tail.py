@@ -37,11 +37,22 @@ _live: weakref.WeakSet = weakref.WeakSet()  # caches that have held a tail
 
 
 class Tail(NamedTuple):
-    """The 16-bit rows after a cache's quantized ones, (B, H, n, D) each."""
+    """The 16-bit rows after a cache's quantized ones: the first `rows` rows of the
+    cache's tail buffers (B, H, TAIL_ROWS, D). The flash kernel reads the buffers as they
+    are, so a decode step adds no slice op to the graph; `keys` and `values` slice them."""
 
-    keys: mx.array
-    values: mx.array
+    key_buffer: mx.array
+    value_buffer: mx.array
+    rows: int
     owner: Any  # a weak reference to the cache
+
+    @property
+    def keys(self) -> mx.array:
+        return self.key_buffer[..., : self.rows, :]
+
+    @property
+    def values(self) -> mx.array:
+        return self.value_buffer[..., : self.rows, :]
 
     def decline(self) -> None:
         """Attention cannot read this tail fast (no flash kernel for the shape): the cache
@@ -107,7 +118,7 @@ def update_and_fetch(self, keys: mx.array, values: mx.array):
 def _fetch(cache: Any) -> tuple[Pending, Pending]:
     n = cache._pending
     ks, vs = _quantized_views(cache, cache.offset - n)
-    tail = Tail(cache._tail[0][..., :n, :], cache._tail[1][..., :n, :], weakref.ref(cache))
+    tail = Tail(*cache._tail, n, weakref.ref(cache))
     return Pending(ks, tail), Pending(vs, tail)
 
 

@@ -101,16 +101,16 @@ def _flash(queries, q_keys, q_values, scale, mask, group_size, bits, sinks, leng
     B, n_q_heads, _, D = queries.shape
     H = q_keys[0].shape[-3]
     T = length or q_keys[0].shape[-2]
-    n = 0 if tail is None else tail.keys.shape[-2]
+    n = 0 if tail is None else tail.rows
     plan = cuda_attention.flash_plan(n_q_heads // H, D, bits, group_size, B * H, T, n)
     if plan is None:
         return None
     decode_mask = _decode_mask(mask, B, T + n)
     if decode_mask is False:
         return None
-    rows = None if tail is None else (tail.keys, tail.values)
+    rows = None if tail is None else (tail.key_buffer, tail.value_buffer, n)
     return cuda_attention.flash_decode(
-        queries, q_keys, q_values, scale, group_size, bits, T, decode_mask, sinks, rows, plan
+        queries, q_keys, q_values, scale, group_size, bits, T, decode_mask, sinks, rows
     )
 
 
@@ -185,6 +185,12 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sink
     else:
         return _original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
     tail = tail_of(keys)
+    if tail is not None and queries.shape[2] == 1 and cuda_attention.available():
+        # Decode over a tail: the flash kernel reads the triples' views (made once a block
+        # by the cache) in place, so a step adds no slice, copy or probe to the graph.
+        out = _flash(queries, keys, values, scale, mask, group_size, bits, sinks, None, tail)
+        if out is not None:
+            return out
     keys, values, length = operands(keys, values, cache)
     return quantized_attention(queries, keys, values, scale, mask, group_size, bits, sinks, length, tail=tail)
 
@@ -202,9 +208,10 @@ def operands(keys, values, cache):
     strided = strided_quantized_matmul()
     stored = {} if cache is None else vars(cache)  # the buffers as stored: no tail flushed
     full = stored.get("keys")
-    whole = isinstance(full, (tuple, list)) and full[0].shape[-2] > keys[0].shape[-2]
+    whole = isinstance(full, (tuple, list)) and full[0].shape[-2] >= keys[0].shape[-2]
     if whole and (not strided or cuda_attention.available()):
-        return tuple(full), tuple(stored["values"]), keys[0].shape[-2]
+        rows = keys[0].shape[-2]
+        return tuple(full), tuple(stored["values"]), rows if rows < full[0].shape[-2] else None
     if strided:
         return keys, values, None
     return tuple(map(mx.contiguous, keys)), tuple(map(mx.contiguous, values)), None
