@@ -226,3 +226,20 @@ def test_tail_keys_are_its_first_rows(tail):
     assert rows.rows == 11 and rows.key_buffer.shape[2] == TAIL_ROWS
     assert mx.array_equal(rows.keys, k[..., 50:61, :]).item()
     assert mx.array_equal(rows.values, v[..., 50:61, :]).item()
+
+
+def test_a_shape_the_flash_kernel_declines_hands_the_tail_back(tail, monkeypatch):
+    """No flash plan for the shape: this step dequantizes (the same output as where no
+    kernels run) and the cache quantizes every token from its next update on."""
+    k, v = _rows(120, heads=2, dim=128)
+    cache = QuantizedKVCache()
+    _fill(cache, k, v, prompt=100, end=119)
+    keys, values = cache.update_and_fetch(k[..., 119:, :], v[..., 119:, :])
+    q = mx.random.normal((1, 4, 1, 128), key=mx.random.key(1)).astype(mx.bfloat16)
+    want = scaled_dot_product_attention(q, keys, values, cache, scale=0.1, mask=None)
+    monkeypatch.setattr(cuda_attention, "available", lambda: True)
+    monkeypatch.setattr(cuda_attention, "flash_plan", lambda *a: None)
+    got = scaled_dot_product_attention(q, keys, values, cache, scale=0.1, mask=None)
+    assert mx.array_equal(got, want).item() and vars(cache).get("_tail_off")
+    keys, _ = cache.update_and_fetch(k[..., :1, :], v[..., :1, :])
+    assert decode_tail.tail_of(keys) is None and vars(cache)["_pending"] == 0

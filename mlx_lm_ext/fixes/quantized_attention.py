@@ -33,7 +33,7 @@ _original = None
 
 
 def quantized_attention(
-    queries, q_keys, q_values, scale, mask, group_size, bits, sinks=None, length=None, kernels=None, tail=None
+    queries, q_keys, q_values, scale, mask, group_size, bits, sinks=None, length=None, kernels=None
 ):
     """Attention over quantized keys/values, GQA-aware, with optional sinks.
 
@@ -45,8 +45,6 @@ def quantized_attention(
     tail of a cache buffer): their scores are dropped and their weights are zero. Where
     the device runs custom CUDA kernels (`kernels` None: probed), decode reads the cache
     through them and prompt chunks through `dequantized_attention` (cuda_attention.py).
-    `tail`: 16-bit rows that follow the quantized ones (caches/decode_tail.py), read by
-    the flash kernel, or else dequantized with the rest.
     """
     dtype = queries.dtype
     B, n_q_heads, L, D = queries.shape
@@ -55,13 +53,9 @@ def quantized_attention(
     kernels = cuda_attention.available() if kernels is None else kernels
     args = (queries, q_keys, q_values, scale, mask, group_size, bits, sinks, length)
     if kernels and L == 1:
-        out = _flash(*args, tail)
+        out = _flash(*args, None)
         if out is not None:
             return out
-    if tail is not None:
-        if kernels:
-            tail.decline()
-        return dequantized_attention(*args, tail)
     if kernels and not cuda_attention.supports(n_repeats * L, D, bits, group_size):
         return dequantized_attention(*args)
     queries = mx.reshape(_float32(queries) * scale, (B, n_kv_heads, n_repeats * L, D))
@@ -185,14 +179,29 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sink
     else:
         return _original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
     tail = tail_of(keys)
-    if tail is not None and queries.shape[2] == 1 and cuda_attention.available():
-        # Decode over a tail: the flash kernel reads the triples' views (made once a block
-        # by the cache) in place, so a step adds no slice, copy or probe to the graph.
+    if tail is not None:
+        return _tail_attention(queries, keys, values, cache, scale, mask, group_size, bits, sinks, tail)
+    keys, values, length = operands(keys, values, cache)
+    return quantized_attention(queries, keys, values, scale, mask, group_size, bits, sinks, length)
+
+
+def _tail_attention(queries, keys, values, cache, scale, mask, group_size, bits, sinks, tail):
+    """Attention over quantized rows and the 16-bit tail after them (caches/decode_tail.py).
+
+    The flash kernel reads the triples' views (made once a block by the cache) and the
+    tail's buffers in place, so a decode step adds no slice, copy or probe to the graph.
+    Where it does not take the shape, the tail is handed back (the cache quantizes every
+    token from then on) and this step dequantizes.
+    """
+    kernels = cuda_attention.available()
+    if kernels and queries.shape[2] == 1:
         out = _flash(queries, keys, values, scale, mask, group_size, bits, sinks, None, tail)
         if out is not None:
             return out
+    if kernels:
+        tail.decline()
     keys, values, length = operands(keys, values, cache)
-    return quantized_attention(queries, keys, values, scale, mask, group_size, bits, sinks, length, tail=tail)
+    return dequantized_attention(queries, keys, values, scale, mask, group_size, bits, sinks, length, tail)
 
 
 def operands(keys, values, cache):
