@@ -1,4 +1,4 @@
-"""Sessions: compat (the release matrix), tests (unit), lint, patches (the upstream series).
+"""mlx-lm-ext's sessions. `nox -l` lists them; a plain `nox` runs lint, tests and compat.
 
 nox -s compat                    every release x every models.yaml family, offline tier
 nox -s compat -- gemma-4         only ids matching gemma-4 (other args go to pytest)
@@ -6,6 +6,7 @@ nox -s "compat(mlx_lm='0.31.3')" -- gemma-3 -m "not slow"
 MLX_LM_EXT_DELIVERY=upstream nox -s compat   the same tests on unpatched mlx-lm
 nox -s patches                   apply patches/ to the newest release's sdist and prove it
 nox -s patches -- --release 0.31.3   which patches apply to another release (then prove it)
+nox -s baseline                  what unpatched mlx-lm does on every family, per release
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 import nox
 
 nox.options.default_venv_backend = "uv|virtualenv"
-nox.options.sessions = ["lint", "tests", "compat"]  # baseline runs on demand
 
 
 def _load_releases():
@@ -68,22 +68,24 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check over the whole tree."""
     session.install("ruff")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
 
-@nox.session
+@nox.session(default=False)
 @nox.parametrize("mlx_lm", list(RELEASES))
 def baseline(session: nox.Session, mlx_lm: str) -> None:
-    """Probe unpatched mlx-lm on every family; JSON for the README's baseline table."""
+    """Probe unpatched mlx-lm on every family; writes benchmarks/results/baseline/<release>.json."""
     _install_release(session, mlx_lm)
     out = f"benchmarks/results/baseline/{mlx_lm}.json"
     session.run("python", "benchmarks/baseline.py", "run", "--json", out, *session.posargs)
 
 
-@nox.session
+@nox.session(default=False)
 def patches(session: nox.Session) -> None:
-    """The patch series: check, apply, upstream's tests before/after, compat suite both ways."""
+    """The patch series: check, apply, upstream's tests before/after, compat suite both ways;
+    writes benchmarks/results/patches/<release>.{json,md}."""
     _install_release(session, releases.NEWEST)
-    session.run("python", "-m", "mlx_lm_ext.patches", "apply", *session.posargs)
+    session.run("python", "-m", "mlx_lm_ext.upstream", "apply", *session.posargs)

@@ -15,7 +15,7 @@ growth step, as in decode):
   whole buffer      the whole buffer, unused rows' scores dropped (mlx_lm_ext's choice
                     where strided operands are rejected)
   dequantize+fused  the views dequantized to 16 bits, then the fused kernel
-  custom CUDA       mlx_lm_ext/cuda_attention.py's kernels on the whole buffer (fails
+  custom CUDA       mlx_lm_ext/kernels/'s CUDA kernels on the whole buffer (fails
                     where MLX has no CUDA backend)
 plus the one-off costs: quantizing the whole 16-bit cache (crossing --quantized-kv-start)
 and dequantizing it. Times are the mean of `--iters` evaluated steps after a warm-up (the
@@ -37,7 +37,7 @@ from pathlib import Path
 import mlx.core as mx
 from results_io import emit, machine
 
-from mlx_lm_ext.fixes.quantized_attention import quantized_attention
+from mlx_lm_ext.fixes.quantized_attention import QuantizedOperands, quantized_attention
 
 Q_HEADS, KV_HEADS, HEAD_DIM, STEP, GROUP = 32, 8, 128, 256, 64
 
@@ -84,8 +84,9 @@ def paths(tokens: int, bits: int, layers: int = 1) -> dict[str, Callable[[], mx.
         dk, dv = (mx.dequantize(*view(t), group_size=GROUP, bits=bits) for t in (qks[i], qvs[i]))
         return mx.fast.scaled_dot_product_attention(q, dk, dv, scale=scale)
 
-    def quantized(q, keys, values, **kw):
-        return quantized_attention(q, keys, values, scale, None, GROUP, bits, **kw)
+    def quantized(q, keys, values, length=None, kernels=False):
+        ops = QuantizedOperands(keys, values, GROUP, bits, length)
+        return quantized_attention(q, ops, scale, None, kernels_on=kernels)
 
     return {
         "fp16 fused": chain(

@@ -1,7 +1,7 @@
 """What unpatched mlx-lm does with quantized and bounded KV caches, per models.yaml family.
 
 Run once per release (`nox -s baseline` does every release of the matrix) and render the
-README's baseline table from the JSON files:
+compat_tests/README.md's baseline table from the JSON files:
 
     python benchmarks/baseline.py run --json benchmarks/results/baseline/0.32.2.json
     python benchmarks/baseline.py table benchmarks/results/baseline/*.json
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("run", help="probe the installed mlx-lm")
     r.add_argument("--models", default=None, help="models.yaml ids (substrings, comma-separated)")
     r.add_argument("--json", type=Path, required=True)
-    t = sub.add_parser("table", help="render JSON results as the README's markdown")
+    t = sub.add_parser("table", help="render JSON results as compat_tests/README.md's markdown")
     t.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
     if args.cmd == "run":

@@ -40,8 +40,15 @@ import mlx.core as mx
 from results_io import emit, machine
 
 import mlx_lm_ext
-from mlx_lm_ext.measure import decode_rate, filled_cache, generation_rate, interleaved, prefill, quantize
-from mlx_lm_ext.quality import cache_nbytes
+from mlx_lm_ext.report.measure import (
+    decode_rate,
+    filled_cache,
+    generation_rate,
+    interleaved,
+    prefill,
+    quantize,
+)
+from mlx_lm_ext.report.quality import cache_nbytes
 from mlx_lm_ext.settings import KVSettings
 
 GROUP = 64
@@ -49,14 +56,14 @@ GROUP = 64
 
 def load_model(model: str | None, config: Path | None) -> tuple[str, Any]:
     if config is not None:
-        from mlx_lm_ext.report import model_from_config
+        from mlx_lm_ext.report.memory import model_from_config
 
         net = model_from_config(json.loads(config.read_text()))
         mx.eval(net.parameters())
         return f"{config.stem} shape, random weights", net
     from mlx_lm import load
 
-    from mlx_lm_ext.report import model_source
+    from mlx_lm_ext.report.memory import model_source
 
     name, source, _ = model_source(model, offline=True)
     return name, load(source)[0]

@@ -24,8 +24,8 @@ import mlx.core as mx
 from results_io import emit, machine
 
 import mlx_lm_ext
-from mlx_lm_ext.measure import decode_rate, filled_cache
-from mlx_lm_ext.quality import agreement, cache_nbytes, decode_logprobs
+from mlx_lm_ext.report.measure import decode_rate, filled_cache
+from mlx_lm_ext.report.quality import agreement, cache_nbytes, decode_logprobs
 from mlx_lm_ext.settings import KVSettings, configure
 
 SETTINGS = {

@@ -8,7 +8,7 @@ Environment:
   MLX_LM_EXT_DELIVERY=upstream runs unpatched mlx-lm, where known upstream failures are
   strict xfails, so a release that fixes one flips the test.
   MLX_LM_EXT_DELIVERY=patches applies no monkeypatch and serves with `mlx_lm.server`:
-  for an mlx-lm built from patches/ (python -m mlx_lm_ext.patches apply), where every
+  for an mlx-lm built from patches/ (python -m mlx_lm_ext.upstream apply), where every
   test must pass exactly as with the monkeypatches.
 """
 
@@ -101,7 +101,7 @@ def loaded(model_path):
 def upstream_failure(entry, kv_bits, quantizes: bool, bounded: bool = False) -> str | None:
     """The error unpatched mlx-lm raises for this case, or None where it works.
 
-    Measured on 0.29.1-0.32.2 (`nox -s baseline`, README compatibility table): any
+    Measured on 0.29.1-0.32.2 (`nox -s baseline`, compat_tests/README.md baseline table): any
     quantization of a sliding-window layer raises NotImplementedError(NYI); KV-shared
     gemma-4 layers and attention sinks fail after it, but NYI comes first. A bounded cache
     is a RotatingKVCache on every layer (where the bound is honoured at all), so

@@ -6,7 +6,7 @@ import pytest
 from conftest import expect_upstream
 from prompts import token_prompt
 
-from mlx_lm_ext.quality import agreement, decode_logprobs
+from mlx_lm_ext.report.quality import agreement, decode_logprobs
 from mlx_lm_ext.settings import KVSettings
 
 BITS = [8, 4]

@@ -10,8 +10,8 @@ from conftest import expect_upstream
 from prompts import token_prompt
 
 from mlx_lm_ext import layout
-from mlx_lm_ext.measure import filled_cache
-from mlx_lm_ext.quality import cache_nbytes, layer_nbytes
+from mlx_lm_ext.report.measure import filled_cache
+from mlx_lm_ext.report.quality import cache_nbytes, layer_nbytes
 from mlx_lm_ext.settings import KVSettings
 
 TOKENS = 1024  # a multiple of the caches' 256-token step, past every offline window but 1024

@@ -7,9 +7,9 @@ import json
 import pytest
 from conftest import expect_upstream
 
-from mlx_lm_ext.measure import filled_cache
-from mlx_lm_ext.quality import cache_nbytes
-from mlx_lm_ext.report import kv_bytes, trace_layout
+from mlx_lm_ext.report.measure import filled_cache
+from mlx_lm_ext.report.memory import kv_bytes, trace_layout
+from mlx_lm_ext.report.quality import cache_nbytes
 from mlx_lm_ext.settings import KVSettings
 
 TOKENS = 4096  # a multiple of the caches' 256-token step, so no allocation slack is counted

@@ -21,7 +21,7 @@ import pytest
 from conftest import DELIVERY, SERVER_MODULE, SERVES_KV_FLAGS
 
 from mlx_lm_ext import layout
-from mlx_lm_ext.fixes.server_kv_flags import add_missing_flags, settings_from_args
+from mlx_lm_ext.cli import add_missing_flags, settings_from_args
 from mlx_lm_ext.settings import head_dims
 
 pytestmark = pytest.mark.skipif(not SERVES_KV_FLAGS, reason="unpatched mlx-lm has no --max-kv-size")

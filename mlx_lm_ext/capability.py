@@ -30,6 +30,6 @@ def _probe_strided(device: str) -> bool:
     try:
         mx.eval(mx.quantized_matmul(x, *view, transpose=True, group_size=64, bits=8))
     except (RuntimeError, ValueError) as e:
-        log.info("mlx_lm_ext: quantized_matmul on %s rejects strided operands (%s)", device, e)
+        log.info("quantized_matmul on %s rejects strided operands (%s)", device, e)
         return False
     return True

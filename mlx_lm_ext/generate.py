@@ -11,10 +11,20 @@ import importlib
 import sys
 
 from . import apply
-from .fixes.server_kv_flags import add_missing_flags, apply_parsed
-from .server import configure_logging
+from .cli import add_missing_flags, apply_parsed, configure_logging
+from .fixes import Patcher
 
 PROG = "mlx_lm_ext.generate"
+
+
+class _Parsed:
+    """Hands upstream's main the arguments already parsed and validated here."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def parse_args(self, *_a, **_k):
+        return self.args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,20 +35,13 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = generate.setup_arg_parser()
     add_missing_flags(parser)
-    args = apply_parsed(parser.parse_args(argv), prog=PROG)
-    original = generate.setup_arg_parser
-
-    class _Parsed:
-        """Hands upstream's main the arguments already parsed and validated here."""
-
-        def parse_args(self, *_a, **_k):
-            return args
-
-    generate.setup_arg_parser = lambda: _Parsed()
+    parsed = _Parsed(apply_parsed(parser.parse_args(argv), prog=PROG))
+    patcher = Patcher("generate-cli")
+    patcher.set(generate, "setup_arg_parser", lambda: parsed)
     try:
         generate.main()
     finally:
-        generate.setup_arg_parser = original
+        patcher.undo()
 
 
 if __name__ == "__main__":

@@ -7,21 +7,10 @@ The flags are validated before any weights load: a bad value exits with status 2
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 
 from . import apply
-
-LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"
-
-
-def configure_logging(argv: list[str]) -> None:
-    """Honour --log-level before upstream parses it, so patch lines are not lost."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--log-level", default="INFO")
-    level = pre.parse_known_args(argv)[0].log_level.upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), format=LOG_FORMAT)
+from .cli import configure_logging
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mlx_lm_ext")
 
 ALLOWED_BITS = (2, 3, 4, 5, 6, 8)
 ALLOWED_GROUP_SIZES = (32, 64, 128)
@@ -47,9 +47,6 @@ class KVSettings:
         if self.quantized_kv_start is None:
             return default_quantized_kv_start()
         return self.quantized_kv_start
-
-    def with_(self, **changes: Any) -> KVSettings:
-        return replace(self, **changes)
 
 
 def validate(settings: KVSettings, model: str | None = None) -> None:

@@ -1,7 +1,7 @@
 """The CUDA decode kernels equal attention on dequantized keys and values (gpu tier).
 
-Runs where MLX executes custom CUDA kernels (the lent H100: see README "CUDA backend");
-skipped elsewhere, where `cuda_attention.available()` is False and the kernels are unused.
+Runs where MLX executes custom CUDA kernels (the lent GPU: see benchmarks/README.md);
+skipped elsewhere, where `kernels.available()` is False and the kernels are unused.
 """
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from mlx_lm_ext import cuda_attention
-from mlx_lm_ext.caches import decode_tail
-from mlx_lm_ext.fixes.base import Patcher
+from mlx_lm_ext import kernels
+from mlx_lm_ext.fixes import quantized_decode_tail as decode_tail
+from mlx_lm_ext.fixes.quantized_attention import QuantizedOperands as Ops
 from mlx_lm_ext.fixes.quantized_attention import quantized_attention
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not cuda_attention.available(), reason="no custom CUDA kernels on this device"),
+    pytest.mark.skipif(not kernels.available(), reason="no custom CUDA kernels on this device"),
 ]
 
 
@@ -53,10 +53,10 @@ def test_decode_kernels_match_dequantized_attention(bits, dim, group, n_q, n_kv,
     q = mx.random.normal((2, n_q, L, dim))
     sinks = mx.random.normal((n_q,))
     mask = "causal" if L > 1 else None
-    flash = L == 1 and cuda_attention.flash_plan(n_q // n_kv, dim, bits, group, 2 * n_kv, length)
-    if not (flash or cuda_attention.supports(n_q // n_kv * L, dim, bits, group)):
+    flash = L == 1 and kernels.flash_plan(n_q // n_kv, dim, bits, group, 2 * n_kv, length)
+    if not (flash or kernels.supports(n_q // n_kv * L, dim, bits, group)):
         pytest.skip("shape outside the kernels: prompt path")
-    got = quantized_attention(q, qk, qv, dim**-0.5, mask, group, bits, sinks, length, kernels=True)
+    got = quantized_attention(q, Ops(qk, qv, group, bits, length), dim**-0.5, mask, sinks, kernels_on=True)
     want = _reference(q, qk, qv, dim**-0.5, mask, sinks, group, bits, length)
     assert mx.abs(got - want).max().item() < 1e-4
 
@@ -73,7 +73,7 @@ def test_batched_decode_with_padding_masks_and_sinks(bits, length):
     pads = mx.array([0, length // 3, length - 1])
     mask = (mx.arange(length)[None] >= pads[:, None])[:, None, None, :]
     for sinks in (None, mx.random.normal((32,))):
-        got = quantized_attention(q, qk, qv, 0.088, mask, 64, bits, sinks, length, kernels=True)
+        got = quantized_attention(q, Ops(qk, qv, 64, bits, length), 0.088, mask, sinks, kernels_on=True)
         want = _reference(q, qk, qv, 0.088, mask, sinks, 64, bits, length)
         assert mx.abs(got - want).max().item() < 1e-4
 
@@ -83,8 +83,8 @@ def test_prompt_chunks_take_the_dequantized_path():
     mx.random.seed(5)
     qk, qv = (tuple(mx.quantize(mx.random.normal((1, 2, 2304, 128)), 64, 8)) for _ in range(2))
     q = mx.random.normal((1, 8, 512, 128)).astype(mx.bfloat16)
-    assert not cuda_attention.supports(4 * 512, 128, 8, 64)
-    got = quantized_attention(q, qk, qv, 0.088, "causal", 64, 8, length=2200)
+    assert not kernels.supports(4 * 512, 128, 8, 64)
+    got = quantized_attention(q, Ops(qk, qv, 64, 8, 2200), 0.088, "causal")
     want = _reference(q.astype(mx.float32), qk, qv, 0.088, "causal", None, 64, 8, 2200)
     assert mx.abs(got.astype(mx.float32) - want).max().item() < 3e-2  # bf16 output
 
@@ -97,7 +97,7 @@ def test_flash_reads_strided_views_in_place(bits):
     big = (tuple(mx.quantize(mx.random.normal((3, 16, 1100, 128)), 64, bits)) for _ in range(2))
     qk, qv = (tuple(x[1:, ::2] for x in t) for t in big)
     q = mx.random.normal((2, 64, 1, 128))[:, ::2]
-    got = cuda_attention.flash_decode(q, qk, qv, 0.088, 64, bits, 1000)
+    got = kernels.flash_decode(q, qk, qv, 0.088, 64, bits, 1000)
     want = _reference(q, qk, qv, 0.088, None, None, 64, bits, 1000)
     assert mx.abs(got - want).max().item() < 1e-4
 
@@ -110,7 +110,7 @@ def test_flash_calls_evaluated_together_keep_their_own_results():
     for batch, length in ((1, 4000), (2, 300), (1, 9000), (2, 5)):
         qk, qv = (tuple(mx.quantize(mx.random.normal((batch, 8, length + 64, 128)), 64, 8)) for _ in range(2))
         cases.append((mx.random.normal((batch, 32, 1, 128)), qk, qv, length))
-    got = [cuda_attention.flash_decode(q, qk, qv, 0.088, 64, 8, n) for q, qk, qv, n in cases]
+    got = [kernels.flash_decode(q, qk, qv, 0.088, 64, 8, n) for q, qk, qv, n in cases]
     mx.eval(got)
     for out, (q, qk, qv, n) in zip(got, cases, strict=True):
         assert mx.abs(out - _reference(q, qk, qv, 0.088, None, None, 64, 8, n)).max().item() < 1e-4
@@ -119,7 +119,7 @@ def test_flash_calls_evaluated_together_keep_their_own_results():
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("length,n", [(5, 1), (700, 37), (5000, 64)])
 def test_flash_reads_the_16_bit_tail_after_the_quantized_rows(bits, length, n):
-    """The tail (caches/decode_tail.py) is one chunk more: with padding masks over the
+    """The tail (fixes/quantized_decode_tail.py) is one chunk more: with padding masks over the
     quantized rows and the tail, and sinks; passed as its rows, or as the first n rows of
     64-row buffers (as the cache passes it) whose other rows must not be read."""
     mx.random.seed(length + n + bits)
@@ -133,8 +133,8 @@ def test_flash_reads_the_16_bit_tail_after_the_quantized_rows(bits, length, n):
     mask = (mx.arange(total)[None] >= pads[:, None])[:, None, None, :]
     for m, sinks in ((None, None), (mask, mx.random.normal((32,)))):
         want = _reference(q, qk, qv, 0.088, m, sinks, 64, bits, length, tail)
-        for rows in (tail, buffers):
-            got = cuda_attention.flash_decode(
+        for rows in (kernels.TailRows(*tail, n), kernels.TailRows(*buffers)):
+            got = kernels.flash_decode(
                 q, qk, qv, 0.088, 64, bits, length, m if m is None else _additive(m), sinks, rows
             )
             assert mx.abs(got - want).max().item() < 1e-4
@@ -149,9 +149,8 @@ def test_decode_through_the_tail_and_the_flash_kernel(bits):
     """tests/test_decode_tail.py's step-by-step check, attention through the flash kernel."""
     from test_decode_tail import decode_steps_match_reference
 
-    patcher = Patcher("test")
-    decode_tail.install(patcher)
+    decode_tail.FIX.apply()
     try:
         decode_steps_match_reference(bits)
     finally:
-        patcher.undo()
+        decode_tail.FIX.revert()

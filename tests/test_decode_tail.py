@@ -3,7 +3,7 @@ every row once: quantized rows as upstream quantizes them, the newest at 16 bits
 
 The tail is installed only where the flash kernel runs (CUDA); here it is installed by
 hand, and attention over it takes the dequantizing path (`decode_steps_match_reference`
-runs on the GPU too, from tests/test_cuda_attention.py, through the flash kernel).
+runs on the GPU too, from tests/test_kernels.py, through the flash kernel).
 """
 
 from __future__ import annotations
@@ -14,20 +14,18 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
-from mlx_lm_ext import cuda_attention
-from mlx_lm_ext.caches import decode_tail
-from mlx_lm_ext.caches.decode_tail import TAIL_ROWS
+from mlx_lm_ext import kernels
 from mlx_lm_ext.fixes import BY_NAME, quantized_attention
-from mlx_lm_ext.fixes.base import Patcher
+from mlx_lm_ext.fixes import quantized_decode_tail as decode_tail
 from mlx_lm_ext.fixes.quantized_attention import scaled_dot_product_attention
+from mlx_lm_ext.fixes.quantized_decode_tail import TAIL_ROWS
 
 
 @pytest.fixture
 def tail():
-    patcher = Patcher("test")
-    decode_tail.install(patcher)
-    yield patcher
-    patcher.undo()
+    decode_tail.FIX.apply()
+    yield decode_tail.FIX
+    decode_tail.FIX.revert()
 
 
 def _rows(n: int, heads: int = 2, dim: int = 64, seed: int = 0) -> tuple[mx.array, mx.array]:
@@ -130,7 +128,7 @@ def test_a_prompt_chunk_after_decode_lands_after_the_tail(tail):
     cache = QuantizedKVCache()
     _fill(cache, k, v, prompt=100)  # 100 decode steps: some rows in the tail
     keys, _ = cache.update_and_fetch(k[..., :30, :], v[..., :30, :])  # a chunk of 30
-    assert decode_tail.tail_of(keys) is None and cache.offset == 230
+    assert getattr(keys, "tail", None) is None and cache.offset == 230
     assert _same(keys, mx.quantize(mx.concatenate([k, k[..., :30, :]], 2), 64, 8), 230)
 
 
@@ -152,18 +150,17 @@ def test_declined_tail_goes_back_to_upstream_updates(tail):
     keys, _ = cache.update_and_fetch(k[..., 70:71, :], v[..., 70:71, :])
     keys.tail.decline()
     keys, _ = cache.update_and_fetch(k[..., 71:72, :], v[..., 71:72, :])
-    assert decode_tail.tail_of(keys) is None and keys[0].shape[2] == cache.offset == 72
+    assert getattr(keys, "tail", None) is None and keys[0].shape[2] == cache.offset == 72
     assert _same(keys, mx.quantize(k, 64, 8), 72)
 
 
 def test_undo_quantizes_pending_rows_and_restores_the_class():
     original = QuantizedKVCache.update_and_fetch
-    patcher = Patcher("test")
-    decode_tail.install(patcher)
+    decode_tail.FIX.apply()
     k, v = _rows(75)
     cache = QuantizedKVCache()
     _fill(cache, k, v, prompt=70)
-    patcher.undo()
+    decode_tail.FIX.revert()
     assert not decode_tail.installed() and "keys" not in vars(QuantizedKVCache)
     assert QuantizedKVCache.update_and_fetch is original
     assert cache.offset == 75 and _same(cache.keys, mx.quantize(k, 64, 8), 75)
@@ -171,7 +168,7 @@ def test_undo_quantizes_pending_rows_and_restores_the_class():
 
 def test_installed_only_where_the_flash_kernel_reads_tails():
     assert BY_NAME["quantized-decode-tail"].needed() == (
-        cuda_attention.available() and not decode_tail.installed() and _quantized_attention_installed()
+        kernels.available() and not decode_tail.installed() and _quantized_attention_installed()
     )
 
 
@@ -183,11 +180,11 @@ def _quantized_attention_installed() -> bool:
 
 def test_flash_plan_leaves_room_for_the_tail_chunk():
     rows = 16
-    assert cuda_attention.flash_plan(rows, 128, 8, 64, 8, 4096, TAIL_ROWS) is not None
-    assert cuda_attention.flash_plan(rows, 128, 8, 64, 8, 4096, cuda_attention.FLASH_SMEM // rows + 1) is None
+    assert kernels.flash_plan(rows, 128, 8, 64, 8, 4096, TAIL_ROWS) is not None
+    assert kernels.flash_plan(rows, 128, 8, 64, 8, 4096, kernels.FLASH_SMEM // rows + 1) is None
     for length in (1, 5000, 200_000, 262_000):
-        plan = cuda_attention.flash_plan(rows, 128, 8, 64, 8, length, TAIL_ROWS)
-        assert plan is None or (plan[2] + 1) * rows <= cuda_attention.FLASH_SMEM
+        plan = kernels.flash_plan(rows, 128, 8, 64, 8, length, TAIL_ROWS)
+        assert plan is None or (plan[2] + 1) * rows <= kernels.FLASH_SMEM
 
 
 def test_decode_hands_the_flash_kernel_the_caches_own_arrays(tail, monkeypatch):
@@ -200,8 +197,8 @@ def test_decode_hands_the_flash_kernel_the_caches_own_arrays(tail, monkeypatch):
         calls.append((q_keys, q_values, length, rows))
         return queries
 
-    monkeypatch.setattr(cuda_attention, "available", lambda: True)
-    monkeypatch.setattr(cuda_attention, "flash_decode", flash_decode)
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.setattr(kernels, "flash_decode", flash_decode)
     k, v = _rows(300, heads=2, dim=128)
     cache = QuantizedKVCache()
     _fill(cache, k, v, prompt=200, end=234)  # 34 decode steps: 34 rows in the tail
@@ -237,9 +234,9 @@ def test_a_shape_the_flash_kernel_declines_hands_the_tail_back(tail, monkeypatch
     keys, values = cache.update_and_fetch(k[..., 119:, :], v[..., 119:, :])
     q = mx.random.normal((1, 4, 1, 128), key=mx.random.key(1)).astype(mx.bfloat16)
     want = scaled_dot_product_attention(q, keys, values, cache, scale=0.1, mask=None)
-    monkeypatch.setattr(cuda_attention, "available", lambda: True)
-    monkeypatch.setattr(cuda_attention, "flash_plan", lambda *a: None)
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.setattr(kernels, "flash_plan", lambda *a: None)
     got = scaled_dot_product_attention(q, keys, values, cache, scale=0.1, mask=None)
     assert mx.array_equal(got, want).item() and vars(cache).get("_tail_off")
     keys, _ = cache.update_and_fetch(k[..., :1, :], v[..., :1, :])
-    assert decode_tail.tail_of(keys) is None and vars(cache)["_pending"] == 0
+    assert getattr(keys, "tail", None) is None and vars(cache)["_pending"] == 0

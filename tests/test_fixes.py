@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 
@@ -157,3 +158,56 @@ def test_quantization_log_line_speaks_the_patch_series_words(caplog):
         "recurrent",
         "kv",
     ]
+
+
+def test_each_fix_lives_in_the_module_named_for_its_slug():
+    for fix in FIXES:
+        assert type(fix).__module__ == f"mlx_lm_ext.fixes.{fix.name.replace('-', '_')}", fix.name
+
+
+def test_patcher_hands_back_what_it_replaced_and_forgets_it_on_undo():
+    from mlx_lm_ext.fixes import Patcher
+
+    class Owner:
+        def method(self):
+            return "upstream"
+
+    upstream = Owner.method
+    patcher = Patcher("test")
+    assert patcher.set(Owner, "method", lambda self: "ours") is upstream
+    patcher.set(Owner, "method", lambda self: "again")  # a second replacement keeps the first original
+    assert patcher.original(Owner, "method") is upstream
+    patcher.undo()
+    assert Owner.method is upstream and "method" in vars(Owner)
+    with pytest.raises(LookupError, match="did not replace"):
+        patcher.original(Owner, "method")
+
+
+def test_revert_clears_what_a_fix_remembered():
+    from mlx_lm_ext.fixes import BY_NAME
+
+    mlx_lm_ext.apply()
+    fix = BY_NAME["batched-quantized-kv"]
+    fix.state["coverage"] = {("a model",): None}
+    assert fix.original(server.ResponseGenerator, "_is_batchable") is not None
+    mlx_lm_ext.revert()
+    assert fix.state == {} and not fix.applied
+    with pytest.raises(RuntimeError, match="not applied"):
+        fix.original(server.ResponseGenerator, "_is_batchable")
+
+
+def test_generate_hands_upstream_its_parser_back(monkeypatch):
+    from mlx_lm_ext import generate as ext_generate
+
+    upstream = generate.setup_arg_parser
+    seen = []
+    monkeypatch.setattr(generate, "main", lambda: seen.append(generate.setup_arg_parser().parse_args()))
+    ext_generate.main(["--model", "m", "--prompt", "hi", "--kv-bits", "8"])
+    assert seen[0].kv_bits == 8 and generate.setup_arg_parser is upstream
+
+
+def test_server_flags_are_found_by_running_upstream_parser():
+    from mlx_lm_ext.fixes.server_kv_flags import upstream_server_flags
+
+    flags = upstream_server_flags()
+    assert {"--model", "--port"} <= flags and server.argparse is argparse

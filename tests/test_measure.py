@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from mlx_lm import load
 
-from mlx_lm_ext.measure import attention_layers, decode_rate, filled_cache, generation_rate, interleaved
+from mlx_lm_ext.report.measure import (
+    attention_layers,
+    decode_rate,
+    filled_cache,
+    generation_rate,
+    interleaved,
+)
 from mlx_lm_ext.settings import KVSettings
 from mlx_lm_ext.zoo import get_entry, resolve
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlx_lm_ext.fixes import FIXES
-from mlx_lm_ext.patches import series
+from mlx_lm_ext.upstream import series
 
 # mlx-lm 0.32.0 added the kv_bits check to _is_batchable itself: no patch carries it.
 # The decode tail serves the CUDA kernels, which the series does not carry.
@@ -99,13 +99,13 @@ def test_slug():
 
 
 def _run(label, outcomes):
-    from mlx_lm_ext.patches.verify import Run
+    from mlx_lm_ext.upstream.verify import Run
 
     return Run(label, dict(outcomes), {t: f"{o} because" for t, o in outcomes.items()})
 
 
 def test_verdict_catches_regressions_failed_additions_and_delivery_mismatch():
-    from mlx_lm_ext.patches.report import compare, markdown
+    from mlx_lm_ext.upstream.report import compare, markdown
 
     good = {
         "upstream-unpatched": _run("u", {"a": "passed", "b": "failed"}),
@@ -134,3 +134,56 @@ def test_verdict_catches_regressions_failed_additions_and_delivery_mismatch():
         },
     )
     assert compare(bad)["compat_mismatch"] == {"y": ["skipped", "passed"]} and not compare(bad)["ok"]
+
+
+RENAMING_DIFF = """\
+diff --git a/tests/test_server.py b/tests/test_server.py
+--- a/tests/test_server.py
++++ b/tests/test_server.py
+@@ -688,9 +688,9 @@ class TestServerKVCacheQuantization(unittest.TestCase):
+         cls.server_thread.join()
+-    def test_quantized_kv_disables_batching(self):
++    def test_quantized_kv_batches(self):
+         args = type("args", (object,), {"seed": None})
+@@ -900,6 +900,3 @@ def helper():
+-    def test_gone(self):
+-        pass
+"""
+
+
+def test_tests_the_series_replaces_are_listed_not_counted_as_regressions(tmp_path):
+    from mlx_lm_ext.upstream.replaced import replaced_tests
+    from mlx_lm_ext.upstream.report import compare, markdown
+
+    patch = tmp_path / "0001-x.patch"
+    patch.write_text(RENAMING_DIFF)
+    old = "tests.test_server.TestServerKVCacheQuantization::test_quantized_kv_disables_batching"
+    new = "tests.test_server.TestServerKVCacheQuantization::test_quantized_kv_batches"
+    replaced = replaced_tests([patch])
+    assert replaced == {old: new, "tests.test_server.TestServerKVCacheQuantization::test_gone": None}
+    compat = {"compat-monkeypatch": _run("m", {"x": "passed"}), "compat-patches": _run("d", {"x": "passed"})}
+    runs = dict(
+        compat,
+        **{
+            "upstream-unpatched": _run("u", {old: "passed", "a": "passed"}),
+            "upstream-patched": _run("p", {new: "passed", "a": "passed"}),
+        },
+    )
+    assert compare(runs)["upstream_regressions"] == [old]  # without the diffs: red
+    result = compare(runs, replaced)
+    assert result["ok"] and result["upstream_regressions"] == [] and result["upstream_replaced"] == {old: new}
+    assert f"- {old} -> {new}" in markdown("0.32.2", ["0001-x.patch"], result)
+    # A replaced test that still exists patched and fails is a regression all the same.
+    runs["upstream-patched"] = _run("p", {old: "failed", new: "passed", "a": "passed"})
+    assert compare(runs, replaced)["upstream_regressions"] == [old] and not compare(runs, replaced)["ok"]
+
+
+def test_the_committed_report_covers_exactly_the_series():
+    import json
+
+    names, release = series.read_series()
+    results = series.PATCHES.parent / "benchmarks" / "results" / "patches"
+    report = json.loads((results / f"{release}.json").read_text())
+    assert report["applied"] == names, "re-run `nox -s patches`: the committed report is stale"
+    assert f"Applied: {', '.join(names)}." in (results / f"{release}.md").read_text()
+    assert report["ok"], "the committed report is red"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from mlx_lm_ext import cuda_attention
+from mlx_lm_ext import kernels
 from mlx_lm_ext.fixes import quantized_attention as fix
+from mlx_lm_ext.fixes.quantized_attention import QuantizedOperands as Ops
 from mlx_lm_ext.fixes.quantized_attention import (
     dequantized_attention,
     packed_params,
@@ -24,7 +25,7 @@ def test_sinks_match_reference(n_q, n_kv, L):
     dk, dv = (mx.dequantize(*t, group_size=64, bits=8) for t in (qk, qv))
     mask = "causal" if L > 1 else None
     ref = mx.fast.scaled_dot_product_attention(q, dk, dv, scale=0.125, mask=mask, sinks=sinks)
-    got = quantized_attention(q, qk, qv, 0.125, mask, 64, 8, sinks=sinks)
+    got = quantized_attention(q, Ops(qk, qv, 64, 8), 0.125, mask, sinks=sinks)
     assert mx.abs(got - ref).max().item() < 1e-4
 
 
@@ -46,7 +47,7 @@ def test_array_masks_match_reference(kind):
     if kind == "additive":
         mask = mx.where(mask, 0.0, -1e9)
     ref = mx.fast.scaled_dot_product_attention(q, dk, dv, scale=0.125, mask=mask)
-    got = quantized_attention(q, qk, qv, 0.125, mask, 64, 4)
+    got = quantized_attention(q, Ops(qk, qv, 64, 4), 0.125, mask)
     assert mx.abs(got - ref).max().item() < 1e-4
 
 
@@ -60,7 +61,7 @@ def test_grouped_query_heads_read_the_cache_without_copying_it():
     mx.clear_cache()
     mx.reset_peak_memory()
     before = mx.get_active_memory()
-    mx.eval(quantized_attention(q, qk, qv, 0.0625, None, 64, 8))
+    mx.eval(quantized_attention(q, Ops(qk, qv, 64, 8), 0.0625, None))
     assert mx.get_peak_memory() - before < packed / 2  # measured 0 bytes folded; 4x packed broadcast
 
 
@@ -76,8 +77,8 @@ def test_whole_buffer_with_length_equals_the_view(L, mask):
     qk, qv = (tuple(mx.quantize(mx.random.normal((1, 2, 256, 64)), 64, 8)) for _ in range(2))
     view_k, view_v = (tuple(x[..., :70, :] for x in t) for t in (qk, qv))
     q, sinks = mx.random.normal((1, 8, L, 64)), mx.random.normal((8,))
-    want = quantized_attention(q, view_k, view_v, 0.125, mask, 64, 8, sinks=sinks, kernels=False)
-    got = quantized_attention(q, qk, qv, 0.125, mask, 64, 8, sinks=sinks, length=70, kernels=False)
+    want = quantized_attention(q, Ops(view_k, view_v, 64, 8), 0.125, mask, sinks=sinks, kernels_on=False)
+    got = quantized_attention(q, Ops(qk, qv, 64, 8, 70), 0.125, mask, sinks=sinks, kernels_on=False)
     assert mx.abs(got - want).max().item() < 1e-5
 
 
@@ -87,8 +88,8 @@ def test_dequantized_attention_matches_the_quantized_path():
     q = mx.random.normal((1, 8, 12, 128))
     qk, qv = (mx.quantize(mx.random.normal((1, 2, 300, 128)), 64, 4) for _ in range(2))
     sinks = mx.random.normal((8,))
-    want = quantized_attention(q, qk, qv, 0.09, "causal", 64, 4, sinks=sinks, length=260, kernels=False)
-    got = dequantized_attention(q, qk, qv, 0.09, "causal", 64, 4, sinks=sinks, length=260)
+    want = quantized_attention(q, Ops(qk, qv, 64, 4, 260), 0.09, "causal", sinks=sinks, kernels_on=False)
+    got = dequantized_attention(q, Ops(qk, qv, 64, 4, 260), 0.09, "causal", sinks=sinks)
     assert mx.abs(got - want).max().item() < 1e-4
 
 
@@ -108,11 +109,11 @@ def test_dequantized_attention_matches_the_quantized_path():
 )
 def test_flash_split_keeps_lanes_whole_words_and_registers_bounded(rows, dim, bits, group, per_lane):
     """The flash kernel's split of a row over lanes (pure arithmetic: runs everywhere)."""
-    assert cuda_attention.flash_split(rows, dim, bits, group) == per_lane
+    assert kernels.flash_split(rows, dim, bits, group) == per_lane
     if per_lane:
         lanes = dim // per_lane
         assert 32 % lanes == 0 and per_lane * bits % 32 == 0 and group % per_lane == 0
-        assert rows * per_lane <= cuda_attention.FLASH_REGISTERS
+        assert rows * per_lane <= kernels.plan.FLASH_REGISTERS
 
 
 @pytest.mark.parametrize("batch_heads", [1, 8, 24, 256])
@@ -123,13 +124,13 @@ def test_flash_chunks_cover_the_rows_and_fit_shared_memory(batch_heads, length, 
     each rounded up to a block's step: every chunk non-empty, all rows covered, a
     chunk's scores and all chunks' weights within the block's shared memory; past that
     (1M tokens at 16 query rows a KV head) no plan."""
-    chunks = cuda_attention._flash_chunks(batch_heads, length, rows, step)
+    chunks = kernels.plan.flash_chunks(batch_heads, length, rows, step)
     if chunks is None:  # too long for the merge: the caller takes another path
-        assert length > (cuda_attention.FLASH_SMEM // rows) ** 2 // 2
+        assert length > (kernels.FLASH_SMEM // rows) ** 2 // 2
         return
     per_block = ((length + chunks - 1) // chunks + step - 1) // step * step  # as the kernel has it
     assert (chunks - 1) * per_block < length <= chunks * per_block
-    assert per_block * rows <= cuda_attention.FLASH_SMEM and chunks * rows <= cuda_attention.FLASH_SMEM
+    assert per_block * rows <= kernels.FLASH_SMEM and chunks * rows <= kernels.FLASH_SMEM
 
 
 def test_operands_read_buffers_the_view_fills_without_copies(monkeypatch):
@@ -141,7 +142,7 @@ def test_operands_read_buffers_the_view_fills_without_copies(monkeypatch):
     cache = QuantizedKVCache()
     x = mx.random.normal((1, 2, 256, 64))
     keys, values = cache.update_and_fetch(x, x)  # 256 rows: one whole growth step
-    got_k, got_v, length = fix.operands(keys, values, cache)
+    got_k, got_v, _, _, length, _ = fix.operands(keys, values, cache, 64, 8)
     assert length is None
     assert all(a is b for a, b in zip(got_k, vars(cache)["keys"], strict=True))
     assert all(a is b for a, b in zip(got_v, vars(cache)["values"], strict=True))
@@ -150,9 +151,9 @@ def test_operands_read_buffers_the_view_fills_without_copies(monkeypatch):
 def test_flash_kernels_are_named_for_their_source():
     """MLX caches compiled kernels on disk by name: a changed source gets a new name."""
     plan = (("R", 4), ("D", 128), ("HAS_TAIL", True), ("OutT", mx.bfloat16))
-    source = cuda_attention.flash_source(plan)
+    source = kernels.flash_source(plan)
     assert "constexpr int R = 4;" in source and "constexpr bool HAS_TAIL = true;" in source
     assert "using OutT = __nv_bfloat16;" in source
-    other = cuda_attention.flash_source((("R", 8), *plan[1:]))
-    assert cuda_attention.kernel_name("flash", source) == cuda_attention.kernel_name("flash", source)
-    assert cuda_attention.kernel_name("flash", source) != cuda_attention.kernel_name("flash", other)
+    other = kernels.flash_source((("R", 8), *plan[1:]))
+    assert kernels.kernel_name("flash", source) == kernels.kernel_name("flash", source)
+    assert kernels.kernel_name("flash", source) != kernels.kernel_name("flash", other)

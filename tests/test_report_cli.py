@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mlx_lm_ext import report
+from mlx_lm_ext.report import cli
 
 LLAMA = {
     "model_type": "llama",
@@ -36,7 +36,7 @@ GEMMA3 = {
 
 def _run(capsys, config, tmp_path, *args):
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert report.main(["--model", str(tmp_path), "--json", *args]) == 0
+    assert cli.main(["--model", str(tmp_path), "--json", *args]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -62,7 +62,7 @@ def test_sliding_windows_and_max_kv_size_cap_tokens(capsys, tmp_path):
 
 def test_group_size_that_does_not_divide_is_reported_not_guessed(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))
-    report.main(["--model", str(tmp_path), "--kv-group-size", "128"])
+    cli.main(["--model", str(tmp_path), "--kv-group-size", "128"])
     text = capsys.readouterr().out
     assert "n/a: group size does not divide a head dim" in text
     assert "2 caches: 2 full attention (2 KV heads x 64/64)" in text
@@ -70,5 +70,5 @@ def test_group_size_that_does_not_divide_is_reported_not_guessed(capsys, tmp_pat
 
 def test_bad_bits_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
-        report.main(["--model", "x", "--bits", "7"])
+        cli.main(["--model", "x", "--bits", "7"])
     assert exc.value.code == 2 and "--bits 7: must be one of" in capsys.readouterr().err

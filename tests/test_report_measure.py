@@ -6,23 +6,23 @@ import json
 
 import pytest
 
-from mlx_lm_ext import report, report_measure
+from mlx_lm_ext.report import cli, memory, sweep
 
 
 def _measure(capsys, *args):
     argv = ["--model", "llama-3.2", "--offline", "--measure", "--json", "--points", "2"]
-    assert report.main(argv + ["--context", "512", "--decode-tokens", "8", *args]) == 0
+    assert cli.main(argv + ["--context", "512", "--decode-tokens", "8", *args]) == 0
     return json.loads(capsys.readouterr().out)
 
 
 def test_measured_cache_bytes_equal_the_prediction(capsys):
     """At 256 and 512 tokens (whole growth steps) the held cache is what the table predicts."""
     out = _measure(capsys)
-    layers = [report.LayerKV(**x) for x in out["layers"]]
+    layers = [memory.LayerKV(**x) for x in out["layers"]]
     got = {(p["bits"], p["context"]): p for p in out["measured"]}
     assert sorted({c for _, c in got}) == [256, 512]
     for (bits, context), point in got.items():
-        assert point["cache_bytes"] == report.kv_bytes(layers, context, bits, 64)
+        assert point["cache_bytes"] == memory.kv_bytes(layers, context, bits, 64)
         assert point["tok_s"] > 0 and point["peak_bytes"] >= point["cache_bytes"]
 
 
@@ -49,11 +49,11 @@ def test_plot_is_a_png(tmp_path, capsys):
 )
 def test_bad_measure_flags_fail_before_loading(capsys, args, message):
     with pytest.raises(SystemExit):
-        report.main(["--model", "llama-3.2", "--offline", *args])
+        cli.main(["--model", "llama-3.2", "--offline", *args])
     assert message in capsys.readouterr().err
 
 
 def test_context_points_double_up_to_the_context():
-    assert report_measure.context_points(32768, 4) == [4096, 8192, 16384, 32768]
+    assert sweep.context_points(32768, 4) == [4096, 8192, 16384, 32768]
     with pytest.raises(ValueError, match="apart"):
-        report_measure.measure(None, [], [100, 110], [8], 64, decode_tokens=32)
+        sweep.measure(None, [], [100, 110], [8], 64, decode_tokens=32)

@@ -1,39 +1,45 @@
-"""The registry of fixes, applied in order, each only where the installed mlx-lm lacks it."""
+"""The registry of fixes, applied in order, each only where the installed mlx-lm lacks it.
+
+Each module here is named for its fix's slug, the same slug as its patch file in
+patches/ (where the series carries it).
+"""
 
 from __future__ import annotations
 
 import logging
 
+from . import (
+    batch_quantized_cache,
+    batch_quantized_rotating_cache,
+    batchable_fallback,
+    batched_quantized_kv,
+    hybrid_quantize,
+    max_kv_size,
+    quantized_attention,
+    quantized_decode_tail,
+    quantized_rotating_kv_cache,
+    request_errors,
+    server_kv_flags,
+)
 from .base import Fix, PatchConflict, Patcher
-from .batch_quantized_cache import BatchQuantizedCache
-from .batch_quantized_rotating import BatchQuantizedRotating
-from .batchable_fallback import BatchableFallback
-from .batched_quantize import BatchedQuantize
-from .decode_tail import DecodeTail
-from .hybrid_quantize import HybridQuantize
-from .max_kv_size import MaxKvSize
-from .quantized_attention import QuantizedAttention
-from .quantized_rotating import QuantizedRotating
-from .request_errors import RequestErrors
-from .server_kv_flags import ServerKvFlags
 
 log = logging.getLogger("mlx_lm_ext")
 
 FIXES: list[Fix] = [
-    QuantizedRotating(),
-    HybridQuantize(),
-    QuantizedAttention(),
-    DecodeTail(),
-    MaxKvSize(),
-    ServerKvFlags(),
-    BatchableFallback(),
-    BatchQuantizedCache(),
-    BatchQuantizedRotating(),
-    BatchedQuantize(),
-    RequestErrors(),
+    quantized_rotating_kv_cache.FIX,
+    hybrid_quantize.FIX,
+    quantized_attention.FIX,
+    quantized_decode_tail.FIX,
+    max_kv_size.FIX,
+    server_kv_flags.FIX,
+    batchable_fallback.FIX,
+    batch_quantized_cache.FIX,
+    batch_quantized_rotating_cache.FIX,
+    batched_quantized_kv.FIX,
+    request_errors.FIX,
 ]
 BY_NAME = {f.name: f for f in FIXES}
-_applied: dict[str, Patcher] = {}
+_order: list[str] = []  # names in the order applied, for a newest-first revert
 
 
 def apply_fixes(only: list[str] | None = None) -> list[str]:
@@ -43,34 +49,39 @@ def apply_fixes(only: list[str] | None = None) -> list[str]:
         raise ValueError(f"unknown fixes {sorted(unknown)}; known: {sorted(BY_NAME)}")
     done = []
     for fix in FIXES:
-        if (only and fix.name not in only) or fix.name in _applied:
+        if (only and fix.name not in only) or fix.applied:
             continue
         if not fix.needed():
-            log.debug("mlx-lm-ext: %s not needed on this mlx-lm", fix.name)
+            log.debug("%s not needed on this mlx-lm", fix.name)
             continue
-        patcher = Patcher(fix.name)
-        try:
-            fix.install(patcher)
-        except Exception:
-            patcher.undo()
-            raise
-        _applied[fix.name] = patcher
+        fix.apply()
+        _order.append(fix.name)
         done.append(fix.name)
-        log.info("mlx-lm-ext: applied %s: %s", fix.name, fix.summary)
+        log.info("applied %s: %s", fix.name, fix.summary)
     return done
 
 
 def revert_fixes() -> list[str]:
     """Undo every applied fix, newest first. Returns the names reverted."""
-    names = list(_applied)
+    names = list(_order)
     for name in reversed(names):
-        _applied.pop(name).undo()
-        log.info("mlx-lm-ext: reverted %s", name)
+        BY_NAME[name].revert()
+        log.info("reverted %s", name)
+    _order.clear()
     return names
 
 
 def applied_fixes() -> list[str]:
-    return list(_applied)
+    return list(_order)
 
 
-__all__ = ["FIXES", "Fix", "PatchConflict", "apply_fixes", "applied_fixes", "revert_fixes"]
+__all__ = [
+    "BY_NAME",
+    "FIXES",
+    "Fix",
+    "PatchConflict",
+    "Patcher",
+    "apply_fixes",
+    "applied_fixes",
+    "revert_fixes",
+]

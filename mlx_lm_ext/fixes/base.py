@@ -2,8 +2,10 @@
 
 mlx-lm modules import functions by name (`from .cache import make_prompt_cache`), so
 replacing a function means replacing every binding of it. A Patcher records each
-replacement with the object it displaced, refuses to displace an object it did not
-expect (someone else patched first), and restores everything in reverse order.
+replacement with the object it displaced (`original` hands it back to the replacement
+that wraps it), refuses to displace an object it did not expect (someone else patched
+first), and restores everything in reverse order. A Fix owns its Patcher and any state
+its replacements keep while applied; `revert` undoes the one and clears the other.
 """
 
 from __future__ import annotations
@@ -24,9 +26,14 @@ class Patcher:
     def __init__(self, fix_name: str):
         self.fix_name = fix_name
         self._undo: list[tuple[Any, str, Any]] = []
+        self._originals: dict[tuple[int, str], tuple[Any, Any]] = {}
 
-    def set(self, owner: Any, attr: str, new: Any, expected: Any = _MISSING) -> None:
-        """Replace owner.attr with new, checking it currently is `expected` when given."""
+    def set(self, owner: Any, attr: str, new: Any, expected: Any = _MISSING) -> Any:
+        """Replace owner.attr with new, checking it currently is `expected` when given.
+
+        Returns what owner.attr gave before (None where it had none): the object a
+        replacement wraps. `original(owner, attr)` returns the same later.
+        """
         current = getattr(owner, attr, _MISSING)
         if expected is not _MISSING and current is not expected:
             raise PatchConflict(
@@ -37,7 +44,18 @@ class Patcher:
         # inherited one is deleted again) rather than what getattr bound.
         previous = vars(owner).get(attr, _MISSING) if isinstance(owner, type) else current
         self._undo.append((owner, attr, previous))
+        replaced = None if current is _MISSING else current
+        self._originals.setdefault((id(owner), attr), (owner, replaced))
         setattr(owner, attr, new)
+        return replaced
+
+    def original(self, owner: Any, attr: str) -> Any:
+        """What owner.attr was before this Patcher first replaced it."""
+        try:
+            return self._originals[(id(owner), attr)][1]
+        except KeyError:
+            name = getattr(owner, "__name__", type(owner).__name__)
+            raise LookupError(f"{self.fix_name} did not replace {name}.{attr}") from None
 
     def rebind(self, original: Any, new: Any, prefix: str = "mlx_lm") -> int:
         """Replace every module-level binding of `original` under `prefix`; returns count."""
@@ -64,20 +82,55 @@ class Patcher:
                 delattr(owner, attr)
             else:
                 setattr(owner, attr, previous)
+        self._originals.clear()
 
 
 class Fix:
     """One upstream gap: detect it, patch it, undo it.
 
-    Subclasses set `name` (the slug shared with patches/NNNN-<name>.patch) and
-    `summary`, and implement `needed()` by probing behaviour, never version strings.
+    Subclasses set `name` (the slug shared with patches/NNNN-<name>.patch and the module's
+    name) and `summary`, implement `needed()` by probing behaviour, never version strings,
+    and `install(patcher)`. Replacements reach what they wrap with `original(owner, attr)`
+    and keep per-process memory (log-once sets, caches) in `state`; both go with `revert`.
     """
 
     name = ""
     summary = ""
+
+    def __init__(self) -> None:
+        self.patcher: Patcher | None = None
+        self.state: dict[str, Any] = {}
 
     def needed(self) -> bool:
         raise NotImplementedError
 
     def install(self, patcher: Patcher) -> None:
         raise NotImplementedError
+
+    @property
+    def applied(self) -> bool:
+        return self.patcher is not None
+
+    def apply(self) -> None:
+        """Install through a new Patcher; a failed install leaves nothing behind."""
+        if self.patcher is not None:
+            return
+        patcher, self.state = Patcher(self.name), {}
+        self.patcher = patcher  # replacements called during install see their originals
+        try:
+            self.install(patcher)
+        except Exception:
+            self.revert()
+            raise
+
+    def revert(self) -> None:
+        """Undo every replacement and forget the state kept while applied."""
+        if self.patcher is not None:
+            self.patcher.undo()  # deferred calls may still need `original` and `state`
+        self.patcher, self.state = None, {}
+
+    def original(self, owner: Any, attr: str) -> Any:
+        """The object this fix replaced at owner.attr (while applied)."""
+        if self.patcher is None:
+            raise RuntimeError(f"{self.name} is not applied")
+        return self.patcher.original(owner, attr)

@@ -13,13 +13,13 @@ from __future__ import annotations
 from ..caches import batch_quantized as bq
 from .base import Fix, Patcher
 
-_originals: dict = {}
-
 
 def _merge_full(cls, caches):
     if any(map(bq.is_quantized, caches)):
         return bq.BatchQuantizedKVCache.merge(caches)
-    return _originals["merge"](caches)
+    from mlx_lm.models.cache import BatchKVCache
+
+    return FIX.original(BatchKVCache, "merge")(caches)
 
 
 def _merge_quantized(cls, caches):
@@ -38,7 +38,9 @@ class BatchQuantizedCache(Fix):
     def install(self, patcher: Patcher) -> None:
         from mlx_lm.models import cache
 
-        _originals["merge"] = cache.BatchKVCache.merge
         patcher.set(cache.BatchKVCache, "to_quantized", bq.batch_to_quantized)
         patcher.set(cache.BatchKVCache, "merge", classmethod(_merge_full))
         patcher.set(cache.QuantizedKVCache, "merge", classmethod(_merge_quantized))
+
+
+FIX = BatchQuantizedCache()

@@ -125,3 +125,6 @@ def _quantizes_nested(fn, cache_list_cls, kv_cls) -> bool:
     except Exception:
         return False
     return layout.classify(probe[0].caches[0]) == layout.QUANTIZED
+
+
+FIX = HybridQuantize()

@@ -21,8 +21,6 @@ from .base import Fix, Patcher
 log = logging.getLogger("mlx_lm_ext")
 KEEP = 4  # upstream keeps the first 4 tokens (attention sinks) when it bounds a cache
 
-_original = None  # the installed make_prompt_cache, set by install()
-
 
 def bound_layer(cache: Any, bound: int, model: str) -> Any:
     from mlx_lm.models.cache import RotatingKVCache
@@ -45,7 +43,9 @@ def bound_layer(cache: Any, bound: int, model: str) -> Any:
 def make_prompt_cache(model: Any, max_kv_size: int | None = None) -> list[Any]:
     """mlx_lm's make_prompt_cache with the bound honoured for every layout."""
     bound = max_kv_size if max_kv_size is not None else current().max_kv_size
-    caches = _original(model, max_kv_size=bound)
+    from mlx_lm.models import cache
+
+    caches = FIX.original(cache, "make_prompt_cache")(model, max_kv_size=bound)
     if bound is not None and hasattr(model, "make_cache"):
         name = layout.model_name(model)
         caches = [bound_layer(c, bound, name) for c in caches]
@@ -75,8 +75,9 @@ class MaxKvSize(Fix):
         return layout.classify(probe[0]) == layout.FULL
 
     def install(self, patcher: Patcher) -> None:
-        global _original
         from mlx_lm.models import cache
 
-        _original = cache.make_prompt_cache
-        patcher.rebind(_original, make_prompt_cache)
+        patcher.rebind(cache.make_prompt_cache, make_prompt_cache)
+
+
+FIX = MaxKvSize()

@@ -21,49 +21,62 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 
-from .. import cuda_attention
-from ..caches.decode_tail import tail_of
+from .. import kernels
 from ..capability import strided_quantized_matmul
 from .base import Fix, Patcher
 
-_original = None
+
+class QuantizedOperands(NamedTuple):
+    """What attention reads from a quantized cache: the (data, scales, biases) triples of
+    keys and values, how they were quantized, the rows to attend to where the buffers
+    hold more (`length`, None: all), and the 16-bit rows after them (`tail`, see
+    fixes/quantized_decode_tail.py; anything with key_buffer, value_buffer, rows, keys,
+    values and decline())."""
+
+    keys: tuple
+    values: tuple
+    group_size: int
+    bits: int
+    length: int | None = None
+    tail: Any = None
 
 
 def quantized_attention(
-    queries, q_keys, q_values, scale, mask, group_size, bits, sinks=None, length=None, kernels=None
-):
+    queries: mx.array, ops: QuantizedOperands, scale: float, mask, sinks=None, kernels_on: bool | None = None
+) -> mx.array:
     """Attention over quantized keys/values, GQA-aware, with optional sinks.
 
     The query heads that share a KV head are folded into the query length, so each
     quantized matmul reads the cache once; broadcasting the cache over them instead (as
     upstream does) makes MLX copy the packed keys and values once per query head (a 32K
-    gemma-3 decode step peaked at 115 MiB against 72 for fp16). With `length`, only the
-    first `length` rows of the keys and values are attended to (the rest is the unused
-    tail of a cache buffer): their scores are dropped and their weights are zero. Where
-    the device runs custom CUDA kernels (`kernels` None: probed), decode reads the cache
-    through them and prompt chunks through `dequantized_attention` (cuda_attention.py).
+    gemma-3 decode step peaked at 115 MiB against 72 for fp16). With `ops.length`, only
+    the first `length` rows of the keys and values are attended to (the rest is the
+    unused tail of a cache buffer): their scores are dropped and their weights are zero.
+    Where the device runs custom CUDA kernels (`kernels_on` None: probed), decode reads
+    the cache through them and prompt chunks through `dequantized_attention`.
     """
     dtype = queries.dtype
     B, n_q_heads, L, D = queries.shape
-    n_kv_heads = q_keys[0].shape[-3]
+    group_size, bits, length = ops.group_size, ops.bits, ops.length
+    n_kv_heads = ops.keys[0].shape[-3]
     n_repeats = n_q_heads // n_kv_heads
-    kernels = cuda_attention.available() if kernels is None else kernels
-    args = (queries, q_keys, q_values, scale, mask, group_size, bits, sinks, length)
-    if kernels and L == 1:
-        out = _flash(*args, None)
+    kernels_on = kernels.available() if kernels_on is None else kernels_on
+    if kernels_on and L == 1:
+        out = _flash(queries, ops, scale, mask, sinks)
         if out is not None:
             return out
-    if kernels and not cuda_attention.supports(n_repeats * L, D, bits, group_size):
-        return dequantized_attention(*args)
+    if kernels_on and not kernels.supports(n_repeats * L, D, bits, group_size):
+        return dequantized_attention(queries, ops, scale, mask, sinks)
     queries = mx.reshape(_float32(queries) * scale, (B, n_kv_heads, n_repeats * L, D))
-    if kernels:
-        scores = cuda_attention.scores(queries, q_keys, group_size, bits)
+    if kernels_on:
+        scores = kernels.scores(queries, ops.keys, group_size, bits)
     else:
         scores = mx.quantized_matmul(
-            queries, *_float32_triple(q_keys), transpose=True, group_size=group_size, bits=bits
+            queries, *_float32_triple(ops.keys), transpose=True, group_size=group_size, bits=bits
         )
     scores = mx.reshape(scores, (B, n_kv_heads, n_repeats, L, -1))
     rows = scores.shape[-1]
@@ -80,51 +93,50 @@ def quantized_attention(
     if length is not None:
         probs = mx.pad(probs, [(0, 0)] * 4 + [(0, rows - length)])
     probs = mx.reshape(probs, (B, n_kv_heads, n_repeats * L, -1))
-    if kernels:
-        out = cuda_attention.weighted_sum(probs, q_values, group_size, bits)
+    if kernels_on:
+        out = kernels.weighted_sum(probs, ops.values, group_size, bits)
     else:
         out = mx.quantized_matmul(
-            probs, *_float32_triple(q_values), transpose=False, group_size=group_size, bits=bits
+            probs, *_float32_triple(ops.values), transpose=False, group_size=group_size, bits=bits
         )
     return mx.reshape(out, (B, n_q_heads, L, -1)).astype(dtype)
 
 
-def _flash(queries, q_keys, q_values, scale, mask, group_size, bits, sinks, length, tail):
-    """One-query attention through `cuda_attention.flash_decode`, or None where the
-    shape, length or mask is one it does not take."""
+def _flash(queries, ops: QuantizedOperands, scale, mask, sinks):
+    """One-query attention through `kernels.flash_decode`, or None where the shape,
+    length or mask is one it does not take."""
     B, n_q_heads, _, D = queries.shape
-    H = q_keys[0].shape[-3]
-    T = length or q_keys[0].shape[-2]
-    n = 0 if tail is None else tail.rows
-    plan = cuda_attention.flash_plan(n_q_heads // H, D, bits, group_size, B * H, T, n)
+    H = ops.keys[0].shape[-3]
+    T = ops.length or ops.keys[0].shape[-2]
+    n = 0 if ops.tail is None else ops.tail.rows
+    plan = kernels.flash_plan(n_q_heads // H, D, ops.bits, ops.group_size, B * H, T, n)
     if plan is None:
         return None
     decode_mask = _decode_mask(mask, B, T + n)
     if decode_mask is False:
         return None
-    rows = None if tail is None else (tail.key_buffer, tail.value_buffer, n)
-    return cuda_attention.flash_decode(
-        queries, q_keys, q_values, scale, group_size, bits, T, decode_mask, sinks, rows
+    return kernels.flash_decode(
+        queries, ops.keys, ops.values, scale, ops.group_size, ops.bits, T, decode_mask, sinks, ops.tail
     )
 
 
 def dequantized_attention(
-    queries, q_keys, q_values, scale, mask, group_size, bits, sinks=None, length=None, tail=None
-):
-    """The fused 16-bit kernel on dequantized keys and values (and the 16-bit `tail` rows
+    queries: mx.array, ops: QuantizedOperands, scale: float, mask, sinks=None
+) -> mx.array:
+    """The fused 16-bit kernel on dequantized keys and values (and the 16-bit tail rows
     after them): for prompt chunks on CUDA, and decode steps the flash kernel cannot take.
 
     A chunk of L queries pays the dequantization once for L rows of output; on an H100
     quantized_matmul prefilled a 4K prompt of a Llama-3.1-8B shape at 95 tok/s against
     39K for 16 bits (benchmarks/kv_speed.py).
     """
-    k, v = (mx.dequantize(*t, group_size=group_size, bits=bits) for t in (q_keys, q_values))
-    if length is not None:
-        k, v = k[..., :length, :], v[..., :length, :]
+    k, v = (mx.dequantize(*t, group_size=ops.group_size, bits=ops.bits) for t in (ops.keys, ops.values))
+    if ops.length is not None:
+        k, v = k[..., : ops.length, :], v[..., : ops.length, :]
     k, v = k.astype(queries.dtype), v.astype(queries.dtype)
-    if tail is not None:
-        k = mx.concatenate([k, tail.keys.astype(k.dtype)], axis=-2)
-        v = mx.concatenate([v, tail.values.astype(v.dtype)], axis=-2)
+    if ops.tail is not None:
+        k = mx.concatenate([k, ops.tail.keys.astype(k.dtype)], axis=-2)
+        v = mx.concatenate([v, ops.tail.values.astype(v.dtype)], axis=-2)
     return mx.fast.scaled_dot_product_attention(queries, k, v, scale=scale, mask=mask, sinks=sinks)
 
 
@@ -177,35 +189,39 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sink
     elif isinstance(keys, (tuple, list)):  # shared from a quantized layer, no cache here
         group_size, bits = packed_params(queries, keys)
     else:
-        return _original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
-    tail = tail_of(keys)
+        from mlx_lm.models import base
+
+        original = FIX.original(base, "scaled_dot_product_attention")
+        return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+    tail = getattr(keys, "tail", None)  # 16-bit rows after the quantized ones (decode tail)
     if tail is not None:
-        return _tail_attention(queries, keys, values, cache, scale, mask, group_size, bits, sinks, tail)
-    keys, values, length = operands(keys, values, cache)
-    return quantized_attention(queries, keys, values, scale, mask, group_size, bits, sinks, length)
+        views = QuantizedOperands(keys, values, group_size, bits, tail=tail)
+        return _tail_attention(queries, views, cache, scale, mask, sinks)
+    ops = operands(keys, values, cache, group_size, bits)
+    return quantized_attention(queries, ops, scale, mask, sinks)
 
 
-def _tail_attention(queries, keys, values, cache, scale, mask, group_size, bits, sinks, tail):
-    """Attention over quantized rows and the 16-bit tail after them (caches/decode_tail.py).
+def _tail_attention(queries, views: QuantizedOperands, cache, scale, mask, sinks):
+    """Attention over quantized rows and the 16-bit tail after them.
 
     The flash kernel reads the triples' views (made once a block by the cache) and the
     tail's buffers in place, so a decode step adds no slice, copy or probe to the graph.
     Where it does not take the shape, the tail is handed back (the cache quantizes every
     token from then on) and this step dequantizes.
     """
-    kernels = cuda_attention.available()
-    if kernels and queries.shape[2] == 1:
-        out = _flash(queries, keys, values, scale, mask, group_size, bits, sinks, None, tail)
+    kernels_on = kernels.available()
+    if kernels_on and queries.shape[2] == 1:
+        out = _flash(queries, views, scale, mask, sinks)
         if out is not None:
             return out
-    if kernels:
-        tail.decline()
-    keys, values, length = operands(keys, values, cache)
-    return dequantized_attention(queries, keys, values, scale, mask, group_size, bits, sinks, length, tail)
+    if kernels_on:
+        views.tail.decline()
+    ops = operands(views.keys, views.values, cache, views.group_size, views.bits)
+    return dequantized_attention(queries, ops._replace(tail=views.tail), scale, mask, sinks)
 
 
-def operands(keys, values, cache):
-    """(keys, values, length) in a layout the backend's quantized_matmul accepts.
+def operands(keys, values, cache, group_size: int, bits: int) -> QuantizedOperands:
+    """The operands in a layout the backend's quantized_matmul accepts.
 
     A growing quantized cache returns `buffer[..., :offset, :]`, a view strided along
     the heads. Where quantized_matmul rejects strided operands (probed once) or the
@@ -215,15 +231,27 @@ def operands(keys, values, cache):
     shared from another layer comes with no buffer here and is copied.
     """
     strided = strided_quantized_matmul()
-    stored = {} if cache is None else vars(cache)  # the buffers as stored: no tail flushed
-    full = stored.get("keys")
+    full, full_values = stored_buffers(cache)
     whole = isinstance(full, (tuple, list)) and full[0].shape[-2] >= keys[0].shape[-2]
-    if whole and (not strided or cuda_attention.available()):
+    if whole and (not strided or kernels.available()):
         rows = keys[0].shape[-2]
-        return tuple(full), tuple(stored["values"]), rows if rows < full[0].shape[-2] else None
+        length = rows if rows < full[0].shape[-2] else None
+        return QuantizedOperands(tuple(full), tuple(full_values), group_size, bits, length)
     if strided:
-        return keys, values, None
-    return tuple(map(mx.contiguous, keys)), tuple(map(mx.contiguous, values)), None
+        return QuantizedOperands(keys, values, group_size, bits)
+    keys, values = tuple(map(mx.contiguous, keys)), tuple(map(mx.contiguous, values))
+    return QuantizedOperands(keys, values, group_size, bits)
+
+
+def stored_buffers(cache) -> tuple[Any, Any]:
+    """A cache's quantized (keys, values) buffers as stored, without flushing anything:
+    the decode tail's `stored_buffers()` where installed, else its attributes."""
+    if cache is None:
+        return None, None
+    stored = getattr(cache, "stored_buffers", None)
+    if stored is not None:
+        return stored()
+    return getattr(cache, "keys", None), getattr(cache, "values", None)
 
 
 def _model_modules() -> list[str]:
@@ -261,10 +289,11 @@ class QuantizedAttention(Fix):
         return False
 
     def install(self, patcher: Patcher) -> None:
-        global _original
         from mlx_lm.models import base
 
         for name in _model_modules():
             importlib.import_module(name)
-        _original = base.scaled_dot_product_attention
-        patcher.rebind(_original, scaled_dot_product_attention)
+        patcher.rebind(base.scaled_dot_product_attention, scaled_dot_product_attention)
+
+
+FIX = QuantizedAttention()

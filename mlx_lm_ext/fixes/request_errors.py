@@ -17,7 +17,6 @@ import logging
 from .base import Fix, Patcher
 
 log = logging.getLogger("mlx_lm_ext")
-_state = {"original": None}
 
 
 def error_body(exc: BaseException) -> dict:
@@ -40,7 +39,9 @@ def send_error(handler, exc: BaseException) -> None:
 
 def handle_completion(self, request, stop_words):
     try:
-        return _state["original"](self, request, stop_words)
+        from mlx_lm import server
+
+        return FIX.original(server.APIHandler, "handle_completion")(self, request, stop_words)
     except (BrokenPipeError, ConnectionResetError):
         raise
     except Exception as exc:
@@ -62,5 +63,7 @@ class RequestErrors(Fix):
     def install(self, patcher: Patcher) -> None:
         from mlx_lm import server
 
-        _state["original"] = server.APIHandler.handle_completion
         patcher.set(server.APIHandler, "handle_completion", handle_completion)
+
+
+FIX = RequestErrors()

@@ -3,150 +3,71 @@
 Upstream: the server gained the three kv flags only in 0.32.0 (mlx-lm #1043, PR #1353)
 and has no --max-kv-size at all (#615); no release checks the values before loading
 weights. Here upstream's own parser gets whichever flags it lacks (so `--help` lists them
-beside upstream's), the values are validated before any weights load, and they become the
-process settings that the cache factory and, on releases without the flags, generation
-read. Patch file: patches/0005-server-kv-flags.patch (all but --keep-sliding-kv, an
-mlx-lm-ext option the series does not propose: the default quantizes sliding layers).
+beside upstream's), the values are validated before any weights load (cli.py), and they
+become the process settings that the cache factory and, on releases without the flags,
+generation read. Patch file: patches/0005-server-kv-flags.patch (all but
+--keep-sliding-kv, an mlx-lm-ext option the series does not propose: the default
+quantizes sliding layers).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
-import logging
-import sys
 import types
-from typing import Any
 
-from ..settings import (
-    KVSettings,
-    SettingsError,
-    configure,
-    current,
-    default_quantized_kv_start,
-    validate,
-)
+from ..cli import ServerArgumentParser, kv_flags
+from ..settings import current
 from .base import Fix, Patcher
 
-log = logging.getLogger("mlx_lm_ext")
-PROG = "mlx_lm_ext.server"
 
-
-def _flags() -> list[tuple[str, dict[str, Any]]]:
-    start = default_quantized_kv_start()
-    return [
-        (
-            "--kv-bits",
-            {
-                "type": int,
-                "default": None,
-                "help": "Bits for KV cache quantization: 2, 3, 4, 5, 6 or 8 (default: 16-bit).",
-            },
-        ),
-        (
-            "--kv-group-size",
-            {
-                "type": int,
-                "default": 64,
-                "help": "Group size for KV cache quantization: 32, 64 or 128 (default: 64).",
-            },
-        ),
-        (
-            "--quantized-kv-start",
-            {
-                "type": int,
-                "default": start,
-                "help": f"Quantize the KV cache once it holds this many tokens (default: {start}).",
-            },
-        ),
-        (
-            "--max-kv-size",
-            {
-                "type": int,
-                "default": None,
-                "help": "Bound every layer's KV cache to this many tokens (the oldest are dropped).",
-            },
-        ),
-        (
-            "--keep-sliding-kv",
-            {"action": "store_true", "help": "With --kv-bits, keep sliding-window layers at full precision."},
-        ),
-    ]
-
-
-def add_missing_flags(parser: argparse.ArgumentParser) -> list[str]:
-    """Add the kv flags the parser lacks; returns those added."""
-    added = []
-    for flag, kwargs in _flags():
-        if flag not in parser._option_string_actions:
-            parser.add_argument(flag, **kwargs)
-            added.append(flag)
-    return added
-
-
-def settings_from_args(ns: argparse.Namespace) -> KVSettings:
-    return KVSettings(
-        kv_bits=ns.kv_bits,
-        kv_group_size=ns.kv_group_size,
-        quantized_kv_start=ns.quantized_kv_start,
-        max_kv_size=ns.max_kv_size,
-        quantize_sliding=not ns.keep_sliding_kv,
-    )
-
-
-def apply_parsed(ns: argparse.Namespace, prog: str = PROG) -> argparse.Namespace:
-    """Validate the kv flags (exit 2 with one line on error) and make them the process's."""
-    settings = settings_from_args(ns)
-    try:
-        validate(settings, model=getattr(ns, "model", None))
-    except SettingsError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    configure(settings)
-    if settings.kv_bits is not None or settings.max_kv_size is not None:
-        log.info(
-            "kv cache: bits=%s group=%d start=%d max_kv_size=%s sliding=%s",
-            settings.kv_bits,
-            settings.kv_group_size,
-            settings.start,
-            settings.max_kv_size,
-            "quantized" if settings.quantize_sliding else "full precision",
-        )
-    return ns
-
-
-class ServerArgumentParser(argparse.ArgumentParser):
-    """Upstream's parser plus the kv flags it lacks, validated after parsing."""
-
-    def parse_args(self, args=None, namespace=None):  # noqa: D102 - argparse API
-        add_missing_flags(self)
-        return apply_parsed(super().parse_args(args, namespace))
-
-
-def _argparse_shim() -> types.ModuleType:
+def _argparse_with(parser_class: type) -> types.ModuleType:
+    """A stand-in for the server's `argparse` module whose ArgumentParser is parser_class."""
     shim = types.ModuleType("argparse")
     shim.__dict__.update(vars(argparse))
-    shim.ArgumentParser = ServerArgumentParser
+    shim.ArgumentParser = parser_class
     return shim
 
 
-_original_stream_generate = None
+class _Parsed(Exception):
+    """Stops upstream's server.main at its parse_args: the probe has what it needs."""
+
+
+def upstream_server_flags() -> set[str]:
+    """The long flags upstream's server.main defines, found by running it up to its
+    parse_args with a recording parser (nothing loads, nothing listens)."""
+    from mlx_lm import server
+
+    seen: set[str] = set()
+
+    class Recording(argparse.ArgumentParser):
+        def add_argument(self, *names, **kwargs):
+            seen.update(n for n in names if n.startswith("--"))
+            return super().add_argument(*names, **kwargs)
+
+        def parse_args(self, *args, **kwargs):
+            raise _Parsed
+
+    probe = Patcher("server-kv-flags probe")
+    probe.set(server, "argparse", _argparse_with(Recording))
+    try:
+        server.main()
+    except _Parsed:
+        pass
+    finally:
+        probe.undo()
+    return seen
 
 
 def stream_generate(*args, **kwargs):
     """Upstream stream_generate with the process's kv settings where the server passes none."""
+    from mlx_lm import server
+
     settings = current()
     if settings.kv_bits is not None:
         kwargs.setdefault("kv_bits", settings.kv_bits)
         kwargs.setdefault("kv_group_size", settings.kv_group_size)
         kwargs.setdefault("quantized_kv_start", settings.start)
-    return _original_stream_generate(*args, **kwargs)
-
-
-def server_has_native_kv_flags() -> bool:
-    from mlx_lm import server
-
-    return '"--kv-bits"' in inspect.getsource(server.main)
+    return FIX.original(server, "stream_generate")(*args, **kwargs)
 
 
 class ServerKvFlags(Fix):
@@ -156,14 +77,17 @@ class ServerKvFlags(Fix):
     def needed(self) -> bool:
         from mlx_lm import server
 
-        source = inspect.getsource(server.main)
-        return server.argparse is argparse and any(f'"{flag}"' not in source for flag, _ in _flags())
+        if server.argparse is not argparse:  # already given a parser (ours)
+            return False
+        return not {flag for flag, _ in kv_flags()} <= upstream_server_flags()
 
     def install(self, patcher: Patcher) -> None:
-        global _original_stream_generate
         from mlx_lm import server
 
-        patcher.set(server, "argparse", _argparse_shim(), expected=argparse)
-        if not server_has_native_kv_flags():
-            _original_stream_generate = server.stream_generate
+        native = "--kv-bits" in upstream_server_flags()
+        patcher.set(server, "argparse", _argparse_with(ServerArgumentParser), expected=argparse)
+        if not native:  # generation must read the flags the server now takes
             patcher.set(server, "stream_generate", stream_generate)
+
+
+FIX = ServerKvFlags()

@@ -27,7 +27,7 @@ from typing import Any
 from .catalog import ModelEntry
 from .tokenizer import write_tokenizer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mlx_lm_ext")
 
 BUILDER_VERSION = 2
 ORG = "mlx-lm-ext"

@@ -352,7 +352,7 @@ def recall(
     max_tokens: int = 1,
 ) -> RecallResult:
     """Ask every question after one shared prefix; an answer counts when it contains the fact."""
-    from ..measure import prefill
+    from ..report.measure import prefill
 
     cache = prefill(model, prefix, settings)
     wrong = []

@@ -72,7 +72,3 @@ def save_tokenizer(folder: Path, tok: Tokenizer, chat_template: str | None = Non
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-
-
-def special_token_ids(tok: Tokenizer) -> dict[str, int]:
-    return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}

@@ -15,19 +15,28 @@ from .. import layout
 from ..caches import batch_quantized as bq
 from .base import Fix, Patcher
 
-_originals: dict = {}
+
+def _cache():
+    from mlx_lm.models import cache
+
+    return cache
 
 
 def _merge_rotating(cls, caches):
     if any(map(bq.is_quantized, caches)):
         merged = bq.BatchQuantizedRotatingKVCache.merge(caches)
     else:
-        merged = _originals["BatchRotatingKVCache.merge"](caches)
+        merged = FIX.original(_cache().BatchRotatingKVCache, "merge")(caches)
     return layout.mark_bounded(merged) if all(map(layout.is_bounded, caches)) else merged
 
 
 def _extract_rotating(self, idx):
-    cache = _originals[f"{type(self).__name__}.extract"](self, idx)
+    owner = (
+        bq.BatchQuantizedRotatingKVCache
+        if isinstance(self, bq.BatchQuantizedRotatingKVCache)
+        else _cache().BatchRotatingKVCache
+    )
+    cache = FIX.original(owner, "extract")(self, idx)
     return layout.mark_bounded(cache) if layout.is_bounded(self) else cache
 
 
@@ -40,7 +49,7 @@ def _merge_quantized_rotating(cls, caches):
     return _merge_rotating(None, caches)
 
 
-class BatchQuantizedRotating(Fix):
+class BatchQuantizedRotatingCache(Fix):
     name = "batch-quantized-rotating-cache"
     summary = "BatchRotatingKVCache.to_quantized (BatchQuantizedRotatingKVCache), no NYI"
 
@@ -56,15 +65,11 @@ class BatchQuantizedRotating(Fix):
     def install(self, patcher: Patcher) -> None:
         from mlx_lm.models import cache
 
-        _originals.update(
-            {
-                "BatchRotatingKVCache.merge": cache.BatchRotatingKVCache.merge,
-                "BatchRotatingKVCache.extract": cache.BatchRotatingKVCache.extract,
-                "BatchQuantizedRotatingKVCache.extract": bq.BatchQuantizedRotatingKVCache.extract,
-            }
-        )
         patcher.set(cache.BatchRotatingKVCache, "to_quantized", _rotating_to_quantized)
         patcher.set(cache.BatchRotatingKVCache, "merge", classmethod(_merge_rotating))
         patcher.set(cache.BatchRotatingKVCache, "extract", _extract_rotating)
         patcher.set(bq.BatchQuantizedRotatingKVCache, "extract", _extract_rotating)
         patcher.set(bq.QuantizedRotatingKVCache, "merge", classmethod(_merge_quantized_rotating))
+
+
+FIX = BatchQuantizedRotatingCache()

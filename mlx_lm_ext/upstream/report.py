@@ -1,7 +1,8 @@
-"""What a verification run proved, as data and as the markdown the README links to."""
+"""What a verification run proved, as data and as the markdown patches/README.md links to."""
 
 from __future__ import annotations
 
+from .replaced import split_regressions
 from .verify import Run
 
 # Tests that check one delivery and skip in the others (compat_tests/test_delivery.py).
@@ -13,10 +14,16 @@ def _short(message: str) -> str:
     return first[:160].replace("|", "/")
 
 
-def compare(runs: dict[str, Run]) -> dict:
-    """The verdicts: upstream regressions, added tests, and delivery agreement."""
+def compare(runs: dict[str, Run], replaced: dict[str, str | None] | None = None) -> dict:
+    """The verdicts: upstream regressions, added tests, and delivery agreement.
+
+    `replaced`: the tests the series removes, old -> new (replaced.replaced_tests); one
+    that passed unpatched and is gone patched is listed as replaced, not regressed.
+    """
     before, after = runs["upstream-unpatched"], runs["upstream-patched"]
     passed_before = before.ids("passed")
+    lost = sorted(passed_before - after.ids("passed"))
+    regressions, moved = split_regressions(lost, set(after.outcomes), replaced or {})
     added = sorted(set(after.outcomes) - set(before.outcomes))
     both_failed = sorted(before.ids("failed") & after.ids("failed"))
     mono, diffs = runs["compat-monkeypatch"], runs["compat-patches"]
@@ -27,7 +34,8 @@ def compare(runs: dict[str, Run]) -> dict:
     )
     result = {
         "counts": {label: run.counts() for label, run in runs.items()},
-        "upstream_regressions": sorted(passed_before - after.ids("passed")),
+        "upstream_regressions": regressions,
+        "upstream_replaced": moved,
         "upstream_added": {t: after.outcomes[t] for t in added},
         "upstream_fixed": sorted(before.ids("failed") & after.ids("passed")),
         "upstream_failing_on_both": {t: _short(after.messages.get(t, "")) for t in both_failed},
@@ -61,6 +69,9 @@ def markdown(release: str, applied: list[str], result: dict) -> str:
         f"Upstream tests that pass unpatched and not patched: {len(result['upstream_regressions'])}",
     ]
     lines += [f"- {t}" for t in result["upstream_regressions"]]
+    moved = result.get("upstream_replaced", {})
+    lines += ["", f"Upstream tests the series replaces (old -> new): {len(moved)}"]
+    lines += [f"- {old} -> {new or 'removed'}" for old, new in moved.items()]
     lines += ["", f"Tests the series adds to upstream's tests/: {len(result['upstream_added'])}"]
     lines += [f"- {t}: {o}" for t, o in result["upstream_added"].items()]
     lines += [

@@ -18,8 +18,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import layout
-from .settings import KVSettings
+from .. import layout
+from ..settings import KVSettings
 
 
 def attention_layers(cache: list[Any]) -> list[Any]:

@@ -19,8 +19,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..settings import KVSettings
 from .quality import agreement, cache_nbytes, step_logprobs
-from .settings import KVSettings
 
 PREFILL_STEP = 2048  # generate_step's default prefill_step_size
 
@@ -55,7 +55,7 @@ def prompt_tokens(tokenizer: Any, text: str, needed: int) -> list[int]:
 def _one_precision(model, tokens, contexts, settings, decode_tokens, bar) -> list[tuple[Point, mx.array]]:
     from mlx_lm.models.cache import make_prompt_cache
 
-    from . import apply, revert
+    from .. import apply, revert
     from .measure import extend
 
     apply(settings)

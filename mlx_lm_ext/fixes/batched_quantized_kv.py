@@ -1,7 +1,7 @@
 """Continuous batching carries a quantized KV cache: --kv-bits no longer serializes requests.
 
 Upstream: BatchGenerator never quantizes (nor could its batch caches, before
-batch_quantized_cache.py and batch_quantized_rotating.py), so mlx-lm 0.32 turns batching off when
+batch_quantized_cache.py and batch_quantized_rotating_cache.py), so mlx-lm 0.32 turns batching off when
 the server has `--kv-bits` (`_is_batchable`) and N concurrent requests are served one
 after another (mlx-lm #1353 and the seed PR). Here the batch caches quantize into
 caches/batch_quantized.py's classes; BatchGenerator takes `kv_bits`, `kv_group_size` and
@@ -10,7 +10,7 @@ each step converts every batch whose longest request has crossed `quantized_kv_s
 caches of one layer that meet at a merge or a join are brought to one precision; and the
 server batches quantized requests wherever this path covers the model's layout, falling
 back to one-at-a-time serving (logged once) where it does not.
-Needs batch_quantized_cache.py and batch_quantized_rotating.py (the classes).
+Needs batch_quantized_cache.py and batch_quantized_rotating_cache.py (the classes).
 Patch file: patches/0009-batched-quantized-kv.patch.
 """
 
@@ -30,7 +30,6 @@ from .hybrid_quantize import maybe_quantize_kv_cache
 
 log = logging.getLogger("mlx_lm_ext")
 COVERED = {layout.FULL, layout.SLIDING, layout.RECURRENT}
-_state: dict[str, Any] = {"originals": {}, "logged": set()}
 
 
 def _generate():
@@ -83,7 +82,7 @@ def _extend_cache(cache_a, cache_b):
 
 def _init(self, model, *args, kv_bits=None, kv_group_size=None, quantized_kv_start=None, **kwargs):
     """BatchGenerator.__init__ with upstream generate_step's three kv arguments."""
-    _state["originals"]["BatchGenerator.__init__"](self, model, *args, **kwargs)
+    FIX.original(_generate().BatchGenerator, "__init__")(self, model, *args, **kwargs)
     settings = current()
     bits = kv_bits if kv_bits is not None else settings.kv_bits
     self._quantize_cache_fn = None
@@ -98,7 +97,7 @@ def _init(self, model, *args, kv_bits=None, kv_group_size=None, quantized_kv_sta
 
 def _next(self):
     """One BatchGenerator step (a decode step and a prompt chunk), then the conversion."""
-    responses = _state["originals"]["BatchGenerator._next"](self)
+    responses = FIX.original(_generate().BatchGenerator, "_next")(self)
     quantize = getattr(self, "_quantize_cache_fn", None)
     if quantize is not None:
         for batch in (self._prompt_batch, self._generation_batch):
@@ -116,24 +115,27 @@ def _is_batchable(self, args) -> bool:
     model = self.model_provider.model
     reason = _coverage(model) if model is not None else None  # None: upstream's own check
     if reason is not None:
-        if reason not in _state["logged"]:
-            _state["logged"].add(reason)
+        logged = FIX.state.setdefault("logged", set())
+        if reason not in logged:
+            logged.add(reason)
             log.info("%s: requests are served one at a time", reason)
         return False
     if current().kv_bits is None:
-        return _state["originals"]["ResponseGenerator._is_batchable"](self, args)
+        from mlx_lm import server
+
+        return FIX.original(server.ResponseGenerator, "_is_batchable")(self, args)
     return self.model_provider.is_batchable and args.seed is None
 
 
 def _coverage(model: Any) -> str | None:
     key = (id(model), current().kv_bits is not None, current().max_kv_size)
-    coverage = _state.setdefault("coverage", {})
+    coverage = FIX.state.setdefault("coverage", {})  # cleared by revert, with the models it names
     if key not in coverage:
         coverage[key] = uncovered(model)
     return coverage[key]
 
 
-class BatchedQuantize(Fix):
+class BatchedQuantizedKV(Fix):
     name = "batched-quantized-kv"
     summary = "continuous batching with a quantized KV cache (batch caches quantize; --kv-bits batches)"
 
@@ -145,15 +147,10 @@ class BatchedQuantize(Fix):
         from mlx_lm import server
 
         gen = _generate()
-        originals = _state["originals"]
-        originals.update(
-            {
-                "BatchGenerator.__init__": gen.BatchGenerator.__init__,
-                "BatchGenerator._next": gen.BatchGenerator._next,
-                "ResponseGenerator._is_batchable": server.ResponseGenerator._is_batchable,
-            }
-        )
         patcher.rebind(gen._extend_cache, _extend_cache)
         patcher.set(gen.BatchGenerator, "__init__", _init)
         patcher.set(gen.BatchGenerator, "_next", _next)
         patcher.set(server.ResponseGenerator, "_is_batchable", _is_batchable)
+
+
+FIX = BatchedQuantizedKV()

@@ -3,7 +3,7 @@
 `patches/series` lists the patch files in order; a comment line names the release the
 series was last exported against. Each patch file is `git format-patch` output whose
 name carries the slug of the monkeypatch that delivers the same change
-(`0001-quantized-rotating-kv-cache.patch` <-> mlx_lm_ext/fixes/quantized_rotating.py).
+(`0001-quantized-rotating-kv-cache.patch` <-> mlx_lm_ext/fixes/quantized_rotating_kv_cache.py).
 """
 
 from __future__ import annotations

@@ -1,26 +1,33 @@
-"""A quantized cache's decode steps write 16-bit rows; a block of them is quantized at once.
+"""Quantized decode steps cost as many cache ops as 16-bit ones, where MLX runs CUDA kernels.
 
-Upstream's `QuantizedKVCache.update_and_fetch` quantizes every new token: two quantize
-ops and six slice updates a layer a step, against two slice updates for the 16-bit cache.
-On MLX's CUDA backend each op costs ~7-10 us of dispatch, and on a Llama-3.1-8B shape
-the quantized step was ~4 ms slower than the 16-bit one at 4K and 32K tokens alike, with
-the attention kernel only ~0.4 ms of that (benchmarks/kv_speed.py, README "CUDA
-backend"). Here a one-token update writes the key and value rows into a 16-bit tail of
-TAIL_ROWS rows (two slice updates, as for the 16-bit cache), and every TAIL_ROWS tokens
-the tail is quantized into the cache's buffers by upstream's own update, in one call:
-the stored data is exactly what upstream stores (groups run along the head dimension, so
-quantizing rows together or one by one gives the same bytes). HF transformers'
-`QuantizedCache` keeps such a residual 16-bit window too (128 tokens).
+Upstream: `QuantizedKVCache.update_and_fetch` quantizes each new token, 8 ops a layer a
+step (2 for the 16-bit cache). On MLX's CUDA backend, which charges every op ~7-10 us of
+dispatch, that alone kept 8-bit decode on a Llama-3.1-8B shape at 0.56-0.77x the speed
+of 16-bit; with the update as cheap as 16-bit's it ran at 1.07x (H100, same run,
+benchmarks/kv_speed.py at 32K).
+
+Here a one-token update writes the key and value rows into a 16-bit tail of TAIL_ROWS
+rows (two slice updates, as for the 16-bit cache), and every TAIL_ROWS tokens the tail is
+quantized into the cache's buffers by upstream's own update, in one call: the stored data
+is exactly what upstream stores (groups run along the head dimension, so quantizing rows
+together or one by one gives the same bytes). HF transformers' `QuantizedCache` keeps
+such a residual 16-bit window too (128 tokens).
 
 The tail travels with the quantized rows: `update_and_fetch` returns `Pending` triples
 (the quantized rows' views) whose `tail` holds the 16-bit rows, and attention
 (`fixes.quantized_attention`) reads both, so Gemma 4's KV-shared layers, which get the
-triples without the cache, see every row. Every other reader of the cache (`state`,
-`keys`, `values`, `nbytes`, `trim`, batching's merge) goes through the `keys`/`values`
-properties, which quantize the pending rows first: they see upstream's layout, whole.
-Installed by `fixes.decode_tail` where MLX runs the flash decode kernel, which takes the
-tail as one more chunk (cuda_attention.py); elsewhere attention over a tail dequantizes
-(correct, slower), so the fix is not installed there.
+triples without the cache, see every row; the flash decode kernel reads the tail as one
+chunk more (kernels/). Every other reader of the cache (`state`, `keys`, `values`,
+`nbytes`, `trim`, batching's merge) goes through the `keys`/`values` properties, which
+quantize the pending rows first: they see upstream's layout, whole. The cache meets
+attention through two methods this fix adds to QuantizedKVCache: `stored_buffers()` (the
+quantized buffers as stored, no row flushed) and `decline_tail()` (back to upstream's
+per-token update, for shapes the kernel declines).
+
+Installed only where the flash kernel runs (`kernels.available`, probed) and this
+project's quantized attention reads tails; elsewhere a tail would cost a dequantization
+a step. No patch file: the series carries no CUDA kernels (an upstream PR would come
+with them).
 """
 
 from __future__ import annotations
@@ -30,10 +37,11 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 
-TAIL_ROWS = 64  # 16-bit rows a cache holds before quantizing them (8 ops per 64 steps)
+from .. import kernels
+from . import quantized_attention
+from .base import Fix, Patcher
 
-_original: dict[str, Any] = {}  # QuantizedKVCache's own methods, set by `install`
-_live: weakref.WeakSet = weakref.WeakSet()  # caches that have held a tail
+TAIL_ROWS = 64  # 16-bit rows a cache holds before quantizing them (8 ops per 64 steps)
 
 
 class Tail(NamedTuple):
@@ -59,7 +67,7 @@ class Tail(NamedTuple):
         goes back to quantizing every token, from its next update on."""
         cache = self.owner()
         if cache is not None:
-            cache._tail_off = True
+            cache.decline_tail()
 
 
 class Pending(tuple):
@@ -87,7 +95,7 @@ def flush(cache: Any) -> None:
     cache._pending = 0
     k, v = cache._tail
     cache.offset -= n
-    _original["update_and_fetch"](cache, k[..., :n, :], v[..., :n, :])
+    _upstream("update_and_fetch")(cache, k[..., :n, :], v[..., :n, :])
 
 
 def update_and_fetch(self, keys: mx.array, values: mx.array):
@@ -95,7 +103,7 @@ def update_and_fetch(self, keys: mx.array, values: mx.array):
     prompt chunk) or an empty cache: upstream's update, after the tail is quantized."""
     if keys.shape[2] != 1 or vars(self).get("keys") is None or vars(self).get("_tail_off"):
         flush(self)
-        return _original["update_and_fetch"](self, keys, values)
+        return _upstream("update_and_fetch")(self, keys, values)
     n = vars(self).get("_pending", 0)
     if n == TAIL_ROWS:
         flush(self)
@@ -107,7 +115,7 @@ def update_and_fetch(self, keys: mx.array, values: mx.array):
             mx.zeros((*shape, keys.shape[3]), keys.dtype),
             mx.zeros((*shape, values.shape[3]), values.dtype),
         )
-        _live.add(self)
+        FIX.state.setdefault("live", weakref.WeakSet()).add(self)
     tail[0][..., n : n + 1, :] = keys
     tail[1][..., n : n + 1, :] = values
     self._pending = n + 1
@@ -153,35 +161,29 @@ def _stored(name: str) -> property:
 
 def trim(self, n: int) -> int:
     flush(self)
-    return _original["trim"](self, n)
+    return _upstream("trim")(self, n)
 
 
 def nbytes(self) -> int:
     """Upstream's count (quantized buffers) plus the 16-bit tail's buffers."""
     tail = vars(self).get("_tail")
     extra = 0 if tail is None else tail[0].nbytes + tail[1].nbytes
-    return _original["nbytes"].fget(self) + extra
+    return _upstream("nbytes").fget(self) + extra
 
 
-def install(patcher: Any) -> None:
-    """Patch QuantizedKVCache through a fixes.base.Patcher (undone with it)."""
-    from mlx_lm.models.cache import QuantizedKVCache
+def stored_buffers(self) -> tuple[Any, Any]:
+    """The quantized (keys, values) buffers as stored: whole, with no pending row flushed."""
+    return vars(self).get("keys"), vars(self).get("values")
 
-    _original["update_and_fetch"] = QuantizedKVCache.update_and_fetch
-    _original["trim"] = QuantizedKVCache.trim
-    patcher.set(QuantizedKVCache, "keys", _stored("keys"))
-    patcher.set(QuantizedKVCache, "values", _stored("values"))
-    patcher.set(QuantizedKVCache, "update_and_fetch", update_and_fetch)
-    patcher.set(QuantizedKVCache, "trim", trim)
-    if isinstance(vars(QuantizedKVCache).get("nbytes"), property):
-        _original["nbytes"] = vars(QuantizedKVCache)["nbytes"]
-        patcher.set(QuantizedKVCache, "nbytes", property(nbytes))
-    patcher.defer(flush_all)  # on undo, before the properties go: no tail is lost
+
+def decline_tail(self) -> None:
+    """Quantize every token from the next update on, as upstream does (see Tail.decline)."""
+    vars(self)["_tail_off"] = True
 
 
 def flush_all() -> None:
     """Quantize every live cache's pending rows (before the patch is undone)."""
-    for cache in list(_live):
+    for cache in list(FIX.state.get("live", ())):
         flush(cache)
 
 
@@ -189,3 +191,40 @@ def installed() -> bool:
     from mlx_lm.models.cache import QuantizedKVCache
 
     return isinstance(vars(QuantizedKVCache).get("keys"), property)
+
+
+def _upstream(name: str) -> Any:
+    """QuantizedKVCache's own method (or property) that this fix replaced."""
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    return FIX.original(QuantizedKVCache, name)
+
+
+class QuantizedDecodeTail(Fix):
+    name = "quantized-decode-tail"
+    summary = "quantized cache: decode tokens kept at 16 bits, quantized 64 at a time (CUDA)"
+
+    def needed(self) -> bool:
+        from mlx_lm.models import base
+
+        return (
+            not installed()
+            and base.scaled_dot_product_attention is quantized_attention.scaled_dot_product_attention
+            and kernels.available()
+        )
+
+    def install(self, patcher: Patcher) -> None:
+        from mlx_lm.models.cache import QuantizedKVCache
+
+        patcher.set(QuantizedKVCache, "keys", _stored("keys"))
+        patcher.set(QuantizedKVCache, "values", _stored("values"))
+        patcher.set(QuantizedKVCache, "update_and_fetch", update_and_fetch)
+        patcher.set(QuantizedKVCache, "trim", trim)
+        patcher.set(QuantizedKVCache, "stored_buffers", stored_buffers)
+        patcher.set(QuantizedKVCache, "decline_tail", decline_tail)
+        if isinstance(vars(QuantizedKVCache).get("nbytes"), property):
+            patcher.set(QuantizedKVCache, "nbytes", property(nbytes))
+        patcher.defer(flush_all)  # on undo, before the properties go: no tail is lost
+
+
+FIX = QuantizedDecodeTail()

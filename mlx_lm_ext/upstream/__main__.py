@@ -1,4 +1,4 @@
-"""python -m mlx_lm_ext.patches check|apply|refresh (see the package docstring)."""
+"""python -m mlx_lm_ext.upstream check|apply|refresh (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from . import series
+from .replaced import replaced_tests
 from .report import compare, markdown
 from .verify import PROJECT, RUNS, parse_junit, verify
 
@@ -17,7 +18,7 @@ RESULTS = PROJECT / "benchmarks" / "results" / "patches"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mlx_lm_ext.patches", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mlx_lm_ext.upstream", description=__doc__)
     parser.add_argument("command", choices=["check", "apply", "refresh", "report"])
     parser.add_argument("--release", help="mlx-lm release (default: the one patches/series names)")
     parser.add_argument("--work", type=Path, help="working folder to keep (default: a temporary one)")
@@ -58,9 +59,9 @@ def _apply(args, tree: Path, work: Path, release: str) -> int:
 
 def _report(release: str, applied: list[str], runs: dict) -> int:
     """Write benchmarks/results/patches/<release>.{json,md}; 0 when the series is proven."""
-    result = compare(runs)
+    result = compare(runs, replaced_tests([series.PATCHES / name for name in applied]))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    full = {**result, "outcomes": {label: run.outcomes for label, run in runs.items()}}
+    full = {**result, "applied": applied, "outcomes": {label: run.outcomes for label, run in runs.items()}}
     (RESULTS / f"{release}.json").write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
     text = markdown(release, applied, result)
     (RESULTS / f"{release}.md").write_text(text)

@@ -14,7 +14,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .settings import KVSettings
+from ..settings import KVSettings
 
 
 @dataclass(frozen=True)

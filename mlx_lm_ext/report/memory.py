@@ -1,4 +1,4 @@
-"""python -m mlx_lm_ext.report: how much KV cache a model needs, per precision, from config.json.
+"""How much KV cache a model needs, per precision, from config.json: the memory table.
 
 Users choose `--kv-bits` from a table like "132K context: fp16 X GB, 8-bit Y, 4-bit Z".
 The table must be exact for the model's real layout (sliding windows, KV-shared layers,
@@ -12,15 +12,12 @@ evaluating anything. Bytes follow from those shapes exactly as the caches store 
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import layout, report_measure
-from .settings import ALLOWED_BITS, ALLOWED_GROUP_SIZES, read_config
+from .. import layout
+from ..settings import read_config
 
 GB = 1e9
 
@@ -176,7 +173,7 @@ def model_source(model: str, offline: bool) -> tuple[str, str, bool]:
     A folder is itself; a models.yaml id is its hub repo, or with `offline` its stand-in's
     folder; anything else is taken for a hub repo id.
     """
-    from .zoo import get_entry, resolve
+    from ..zoo import get_entry, resolve
 
     if Path(model).is_dir():
         return model, model, False
@@ -200,79 +197,3 @@ def resolve_config(model: str, offline: bool) -> tuple[str, dict[str, Any]]:
     raise SystemExit(
         f"report: cannot read config.json of {source}: not a folder, and the hub is unreachable{hint}"
     )
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_lm_ext.report", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="models.yaml id, hub repo id or model folder")
-    p.add_argument("--context", type=int, default=131072, help="tokens in the cache (default 131072)")
-    p.add_argument("--bits", default="8,4", help="quantized precisions to compare (default 8,4)")
-    p.add_argument("--kv-group-size", type=int, default=64, choices=ALLOWED_GROUP_SIZES)
-    p.add_argument("--max-kv-size", type=int, default=None, help="bound every layer as the server flag does")
-    p.add_argument("--offline", action="store_true", help="a models.yaml id's offline stand-in")
-    p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
-    m = p.add_argument_group("--measure: run the model (its weights load) at 16 bits and quantized")
-    m.add_argument("--measure", action="store_true", help="measure cache bytes, peak memory, tok/s, KL")
-    m.add_argument("--points", type=int, default=4, help="context lengths doubling up to --context")
-    m.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed and compared per point")
-    m.add_argument("--prompt-file", type=Path, help="text to feed (default: the zoo's English corpus)")
-    m.add_argument("--plot", type=Path, help="write a PNG of cache MiB and KL against context")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    bits = [int(b) for b in args.bits.split(",") if b]
-    if bad := [b for b in bits if b not in ALLOWED_BITS]:
-        parser.error(f"--bits {bad[0]}: must be one of {', '.join(map(str, ALLOWED_BITS))}")
-    if args.context <= 0 or (args.max_kv_size is not None and args.max_kv_size <= 0):
-        parser.error("--context and --max-kv-size must be positive token counts")
-    if args.points <= 0 or args.decode_tokens <= 0:
-        parser.error("--points and --decode-tokens must be positive")
-    if args.plot:
-        if not args.measure:
-            parser.error("--plot draws what --measure measures: add --measure")
-        report_measure.require_matplotlib()
-    name, config = resolve_config(args.model, args.offline)
-    layers = trace_layout(config)
-    rows = table(layers, args.context, bits, args.kv_group_size, args.max_kv_size)
-    points = _measure(args, bits) if args.measure else None
-    if args.json:
-        payload = {
-            "model": name,
-            "context": args.context,
-            "layers": [asdict(x) for x in layers],
-            "rows": rows,
-        }
-        if points is not None:
-            payload["measured"] = [asdict(p) for p in points]
-        print(json.dumps(payload, indent=1))
-    else:
-        print(markdown(name, args.context, rows, layers, args.max_kv_size))
-        if points is not None:
-            print("\n" + report_measure.markdown(points, args.decode_tokens))
-    if args.plot:
-        report_measure.plot(points, args.plot, f"{name}, KV group {args.kv_group_size}")
-    return 0
-
-
-def _measure(args: argparse.Namespace, bits: list[int]) -> list[report_measure.Point]:
-    """Load the model (where resolve_config read its config) and run report_measure on it."""
-    from mlx_lm import load
-
-    model, tokenizer = load(model_source(args.model, args.offline)[1])
-    contexts = report_measure.context_points(args.context, args.points)
-    text = args.prompt_file.read_text() if args.prompt_file else _corpus()
-    tokens = report_measure.prompt_tokens(tokenizer, text, contexts[-1] + args.decode_tokens)
-    return report_measure.measure(
-        model, tokens, contexts, bits, args.kv_group_size, args.max_kv_size, args.decode_tokens
-    )
-
-
-def _corpus() -> str:
-    return (Path(__file__).parent / "zoo" / "corpus.txt").read_text()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

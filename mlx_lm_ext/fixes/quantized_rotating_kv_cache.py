@@ -12,7 +12,7 @@ from ..caches.quantized_rotating import QuantizedRotatingKVCache, rotating_to_qu
 from .base import Fix, Patcher
 
 
-class QuantizedRotating(Fix):
+class QuantizedRotatingKVCacheFix(Fix):
     name = "quantized-rotating-kv-cache"
     summary = "RotatingKVCache.to_quantized returns a QuantizedRotatingKVCache"
 
@@ -31,3 +31,6 @@ class QuantizedRotating(Fix):
         # load_prompt_cache finds classes by name in the cache module's globals.
         patcher.set(cache, "QuantizedRotatingKVCache", QuantizedRotatingKVCache)
         patcher.set(cache.RotatingKVCache, "to_quantized", rotating_to_quantized)
+
+
+FIX = QuantizedRotatingKVCacheFix()

@@ -1,0 +1,130 @@
+"""Launch planning for the quantized decode kernels: pure Python, no MLX, testable on CPU.
+
+Which shapes each kernel takes, how a cache is cut into chunks for flash decoding, and the
+exact source each kernel is compiled from (read from the .cu/.cuh files beside this module,
+with compile-time constants written first). Kernels are named for a digest of that source:
+MLX caches compiled kernels on disk by name alone (MLX_PTX_CACHE_DIR), so a kernel changed
+by an upgrade must not reuse a stale PTX. Launching is in launch.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from importlib import resources
+
+MAX_ACCUMULATORS = 32  # query rows x dims per lane held in registers (and shared memory)
+ROWS_PER_WARP = 4  # scores: tokens per warp, their loads issued together
+TOKENS_PER_WARP = 16  # weighted_sum: tokens per warp; 8 warps a block sum in shared memory
+WARPS = 8
+
+FLASH_BLOCKS = 264  # blocks a decode step aims for: two an SM of an H100 (measured)
+FLASH_REGISTERS = 64  # query rows x dims per lane: the queries, then the output
+FLASH_BLOCK_WARPS = 8  # warps a block, merged in shared memory
+FLASH_SMEM = 8192  # floats of shared memory a block: a chunk's scores, then partial sums
+FLASH_UNROLL = 4  # rows each lane loads before computing on any
+
+_BODY_MARK = "// -- compiled from here (the lines above are not part of the kernel source) --\n"
+CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+
+
+@functools.cache
+def source(file: str) -> str:
+    """The compiled part of a kernel file (below its marker line), as shipped in the package."""
+    text = resources.files(__package__).joinpath(file).read_text(encoding="utf-8")
+    return text.split(_BODY_MARK, 1)[1]
+
+
+def header() -> str:
+    """Device helpers every kernel is compiled with."""
+    return source("packed.cuh")
+
+
+def kernel_name(name: str, body: str) -> str:
+    """`name` and a digest of the kernel's whole source (shared helpers included)."""
+    return f"mlx_lm_ext_qattn_{name}_{hashlib.sha256((header() + body).encode()).hexdigest()[:16]}"
+
+
+def flash_source(constants: tuple) -> str:
+    """The flash kernel's body with its compile-time constants written first."""
+    return "".join(_constant(name, value) for name, value in constants) + source("flash.cu")
+
+
+def _constant(name: str, value) -> str:
+    """One compile-time constant as MLX writes a template argument (a type by its name)."""
+    if isinstance(value, bool):
+        return f"    constexpr bool {name} = {'true' if value else 'false'};\n"
+    if isinstance(value, int):
+        return f"    constexpr int {name} = {value};\n"
+    return f"    using {name} = {CUDA_TYPES[str(value).rsplit('.', 1)[-1]]};\n"
+
+
+def template(rows: int, dim: int, bits: int, group_size: int, **extra: int) -> list:
+    return [("R", rows), ("D", dim), ("BITS", bits), ("GS", group_size), *extra.items()]
+
+
+def supports(rows: int, dim: int, bits: int, group_size: int) -> bool:
+    """Shapes `scores` and `weighted_sum` handle: whole bytes per lane, rows x dims per
+    lane in registers (`flash_split` says which one-query shapes `flash_decode` takes)."""
+    return (
+        bits in (2, 4, 8)
+        and dim % 32 == 0
+        and group_size % max(dim // 32, 1) == 0
+        and rows * (dim // 32) <= MAX_ACCUMULATORS
+    )
+
+
+@functools.cache
+def flash_split(rows: int, dim: int, bits: int, group_size: int) -> int | None:
+    """Dims per lane for `flash_decode` (16, 8 or 4: fewer where more query rows share a
+    KV head, to stay in registers), or None where the shape has no split. Remembered:
+    each decode step asks it for every layer."""
+    for per_lane in (16, 8, 4):
+        lanes = dim // per_lane
+        if (
+            rows * per_lane <= FLASH_REGISTERS
+            and dim % per_lane == 0
+            and group_size % per_lane == 0
+            and per_lane * bits % 32 == 0
+            and lanes <= 32
+            and 32 % lanes == 0
+            and rows * dim <= FLASH_SMEM
+        ):
+            return per_lane
+    return None
+
+
+def flash_chunks(batch_heads: int, length: int, rows: int, step: int, extra: int = 0) -> int | None:
+    """Chunks a (batch, KV head) is cut into, spreading the cache over about FLASH_BLOCKS
+    blocks with the `extra` chunks a KV head (the tail's) among them. A chunk's rows (a
+    multiple of a block's step; the kernel takes ceil(length / chunks) rounded up to one)
+    fit its scores in shared memory, and the chunks' weights must fit there too: None past
+    that length (262K tokens at 16 query rows, 4M at 4)."""
+    most = FLASH_SMEM // rows // step * step
+    per_block = -(-batch_heads * length // max(FLASH_BLOCKS - batch_heads * extra, batch_heads))
+    per_block = max(per_block, -(-length // most))
+    per_block = min(most, max(step, -(-per_block // step) * step))
+    chunks = -(-length // per_block)
+    return chunks if (chunks + extra) * rows <= FLASH_SMEM else None
+
+
+def flash_plan(rows: int, dim: int, bits: int, group_size: int, batch_heads: int, length: int, tail: int = 0):
+    """(dims a lane, warps a block, chunks a KV head over the quantized rows) for
+    `flash_decode`, or None where the shape has no `flash_split` or the length is past
+    what a block's merge holds. `tail`: rows of a 16-bit tail, one chunk more (its scores
+    must fit a block's shared memory)."""
+    if tail * rows > FLASH_SMEM:
+        return None
+    return _plan(rows, dim, bits, group_size, batch_heads, length, tail > 0)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(rows: int, dim: int, bits: int, group_size: int, batch_heads: int, length: int, tail: bool):
+    """`flash_plan` for a shape: remembered, as the quantized rows a layer reads change
+    once a tail's block (64 steps) and every layer of a model shares them."""
+    per_lane = flash_split(rows, dim, bits, group_size)
+    if per_lane is None:
+        return None
+    warps = max(1, min(FLASH_BLOCK_WARPS, FLASH_SMEM // (rows * dim)))  # partial sums fit
+    chunks = flash_chunks(batch_heads, length, rows, warps * 32 * per_lane // dim, int(tail))
+    return None if chunks is None else (per_lane, warps, chunks)

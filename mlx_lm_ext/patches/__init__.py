@@ -1,6 +1,0 @@
-"""The upstreamable patch series (patches/) and the tool that checks, applies and refreshes it.
-
-python -m mlx_lm_ext.patches check   [--release R]   does each patch apply to R's sdist?
-python -m mlx_lm_ext.patches apply   [--release R]   apply, then prove it (verify.py)
-python -m mlx_lm_ext.patches refresh [--release R] [--from TREE]   re-export the series
-"""
