@@ -1,7 +1,9 @@
 """The compatibility suite: every test is parametrized by models.yaml entry id.
 
 Options:
-  --models gemma-4,qwen3-next   ids matching any substring (default: all)
+  --models gemma-4,qwen3-next   ids matching any substring (default: every stand-in; the
+                                real models run test_real_models.py, and the whole suite
+                                when named here)
   --tier offline|hub            offline stand-ins (default) or the real hub models
 Environment:
   MLX_LM_EXT_DELIVERY=monkeypatch (default) applies mlx_lm_ext's fixes;
@@ -44,9 +46,16 @@ def pytest_configure(config):
 
 
 def pytest_generate_tests(metafunc):
+    """`entry`: the stand-ins, or every entry --models names (real ones included);
+    `real_entry`: the real models (converted from PyPI packages), or those --models names."""
+    wanted = metafunc.config.getoption("--models")
+    chosen = select(load_catalog(), wanted)
     if "entry" in metafunc.fixturenames:
-        entries = select(load_catalog(), metafunc.config.getoption("--models"))
+        entries = chosen if wanted else [e for e in chosen if not e.real]
         metafunc.parametrize("entry", entries, ids=[e.id for e in entries], scope="session")
+    if "real_entry" in metafunc.fixturenames:
+        entries = [e for e in chosen if e.real]
+        metafunc.parametrize("real_entry", entries, ids=[e.id for e in entries], scope="session")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -50,6 +50,30 @@ def step_logprobs(model: Any, cache: list[Any], tokens: list[int], settings: KVS
     return mx.stack(out)
 
 
+def prose(entries: int = 40) -> str:
+    """English prose every Python has: the first `entries` topics of the standard
+    library's pydoc_data (about 800 KB in all), for perplexity and KL on real text."""
+    from pydoc_data.topics import topics
+
+    return "\n".join(list(topics.values())[:entries])
+
+
+def perplexity(model: Any, tokens: list[int], chunk: int = 512) -> float:
+    """exp(mean NLL) of tokens[1:] given the ones before, with a 16-bit cache."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    nll, count = 0.0, 0
+    for start in range(0, len(tokens) - 1, chunk):
+        ids = tokens[start : min(start + chunk, len(tokens) - 1)]
+        logits = model(mx.array([ids]), cache=cache)[0].astype(mx.float32)
+        targets = mx.array(tokens[start + 1 : start + 1 + len(ids)])
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        nll += -mx.take_along_axis(logprobs, targets[:, None], axis=-1).sum().item()
+        count += len(ids)
+    return float(mx.exp(mx.array(nll / count)).item())
+
+
 def agreement(reference: mx.array, candidate: mx.array) -> Agreement:
     """KL(reference || candidate) per position and top-1 agreement."""
     kl = (mx.exp(reference) * (reference - candidate)).sum(axis=-1)

