@@ -103,3 +103,40 @@ def test_served_answer_equals_in_process_generation(real_entry, real_path, real_
         )
     )
     assert served == expected and served.strip()
+
+
+def test_hub_tier_downloads_and_loads_through_huggingface_hub(real_entry, real_path, tmp_path):
+    """The hub tier's own code (snapshot_download, then mlx_lm.load) on the real model,
+    served under its hub repo id by a local endpoint (HF_ENDPOINT): what users run online."""
+    import os
+    import subprocess
+    import sys
+
+    from mlx_lm_ext.zoo.local_hub import LocalHub
+
+    prompt, word = real_entry.checks["facts"][0]
+    script = (
+        "import sys; from mlx_lm import load, generate; from mlx_lm_ext.zoo import get_entry, resolve\n"
+        "path = resolve(get_entry(sys.argv[1]), 'hub'); print(path)\n"
+        "model, tok = load(str(path)); print(generate(model, tok, sys.argv[2], max_tokens=6))\n"
+    )
+    with LocalHub({real_entry.hub: real_path}) as hub:
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_HUB_OFFLINE": "0",
+        }
+        env.pop("HF_HUB_CACHE", None)
+        done = subprocess.run(
+            [sys.executable, "-c", script, real_entry.id, prompt],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder, answer = done.stdout.strip().splitlines()[:2]
+    assert str(tmp_path / "hf") in folder and word in answer, done.stdout
+    assert any(r.startswith("GET /api/models/") for r in hub.requests)
+    assert any("/resolve/" in r and r.endswith("model.safetensors") for r in hub.requests)

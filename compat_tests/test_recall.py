@@ -24,9 +24,14 @@ def _spec(entry) -> RecallSpec:
     return RecallSpec(margin=float(entry.recall["margin"]))
 
 
+def _in_words(entry, tier) -> bool:
+    """Real models (hub tier, or converted offline) are asked in words."""
+    return tier == "hub" or entry.real
+
+
 @pytest.fixture(scope="session")
 def recall_path(entry, tier, request):
-    if tier == "hub":  # the real model answers in words
+    if _in_words(entry, tier):  # the real model answers in words
         return request.getfixturevalue("model_path")
     skip_unless_supported(entry)
     try:
@@ -41,7 +46,7 @@ def recall_model(recall_path):
 
 
 def _task(entry, tier, tokenizer, context):
-    if tier == "hub":
+    if _in_words(entry, tier):
         return worded_task(tokenizer, context)
     return constructed_task(_spec(entry), tokenizer, context)
 
@@ -63,7 +68,9 @@ def test_facts_are_recalled_after_long_filler(
     prefix, questions = _task(entry, tier, tokenizer, context)
     start = min(512, context // 2)  # the facts (first tokens) are quantized with the rest
     settings = KVSettings(kv_bits=kv_bits, quantized_kv_start=start)
-    result = recall(model, tokenizer, prefix, questions, settings, max_tokens=1 if tier == "offline" else 12)
+    result = recall(
+        model, tokenizer, prefix, questions, settings, max_tokens=20 if _in_words(entry, tier) else 1
+    )
     bits = kv_bits or 16
     for key, value in (("recall_model", entry.id), ("recall_tier", tier), ("recall_context", context)):
         record_property(key, value)
@@ -77,15 +84,20 @@ def test_facts_are_recalled_after_long_filler(
 def test_patched_server_recalls_with_8bit_kv(entry, tier, recall_path, recall_model, tmp_path):
     """The recall model served with `--kv-bits 8` (the delivery's server) answers over HTTP."""
     context = 16384 if tier == "hub" else 1024
+    if entry.real and context not in entry.recall["contexts"]:
+        pytest.skip(f"{entry.id}: no recall context by default (models.yaml: {entry.recall['contexts']})")
     _, tokenizer = recall_model
     prefix, questions = _task(entry, tier, tokenizer, context)
     server = Server(recall_path, ["--kv-bits", "8", "--quantized-kv-start", "256"], tmp_path / "server.log")
     try:
+        answered = []
         for ids, answer in questions[:4]:
-            body = {"prompt": tokenizer.decode(prefix + ids), "max_tokens": 12, "temperature": 0.0}
+            body = {"prompt": tokenizer.decode(prefix + ids), "max_tokens": 20, "temperature": 0.0}
             status, raw = _request(server.port, "/v1/completions", body)
             assert status == 200, raw
-            assert answer in raw, f"{answer!r} not in {raw[:300]}"
+            answered.append(answer in raw)
+        rate = sum(answered) / len(answered)
+        assert rate >= entry.recall["min_rate"][8], f"{sum(answered)} of {len(answered)} codes in the replies"
         assert "kv_bits=8 quantizes layers" in server.output()
     finally:
         server.stop()

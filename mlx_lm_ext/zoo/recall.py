@@ -381,7 +381,8 @@ _FILLER = (
 
 
 def worded_task(tokenizer: Any, length: int, n_questions: int = 4, seed: int = 0):
-    """The hub tier's needle prompt: facts in words, filler, a question; chat-templated.
+    """The needle prompt of real models: facts in words, filler, a question (chat-templated,
+    or a continuation where the tokenizer has no chat template: base models).
 
     Returns (prefix ids, [(question ids, answer)]) like `constructed_task`: the prefix is
     every token the questions' prompts share, so one prefill serves all of them.
@@ -392,23 +393,21 @@ def worded_task(tokenizer: Any, length: int, n_questions: int = 4, seed: int = 0
     filler_tokens = len(tokenizer.encode(_FILLER, add_special_tokens=False))
     body = facts + "\n\n" + _FILLER * max(1, (length - 200) // filler_tokens)
     asked = [str(r) for r in rng.permutation(_ROOMS)[:n_questions]]
-    prompts = [
-        tokenizer.apply_chat_template(
-            [
-                {
-                    "role": "user",
-                    "content": f"{body}\n\nWhat is the pass code of the {room} room? "
-                    "Answer with the number only.",
-                }
-            ],
-            add_generation_prompt=True,
-        )
-        for room in asked
-    ]
+    prompts = [_worded_prompt(tokenizer, body, room) for room in asked]
     shared = (
         min(_common_prefix(prompts[0], p) for p in prompts[1:]) if len(prompts) > 1 else len(prompts[0]) - 1
     )
     return prompts[0][:shared], [(p[shared:], codes[room]) for p, room in zip(prompts, asked, strict=True)]
+
+
+def _worded_prompt(tokenizer: Any, body: str, room: str) -> list[int]:
+    """A chat turn where the model has a chat template; a continuation for base models."""
+    if getattr(tokenizer, "chat_template", None):
+        question = f"{body}\n\nWhat is the pass code of the {room} room? Answer with the number only."
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True
+        )
+    return tokenizer.encode(f"{body}\n\nThe pass code of the {room} room is")
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
