@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 
+def entry_prompt(entry, tokenizer, n: int) -> list[int]:
+    """n prompt tokens: English prose for a real model (its low ids are special or unused
+    tokens, not text), spread-out ids for a stand-in."""
+    if entry.real:
+        from mlx_lm_ext.report.quality import prose
+
+        return tokenizer.encode(prose())[:n]
+    return token_prompt(n)
+
+
 def token_prompt(n: int, vocab: int = 512, offset: int = 5) -> list[int]:
     """n token ids spread over the vocabulary, skipping the special tokens."""
     return [(i * 7919) % (vocab - offset) + offset for i in range(n)]

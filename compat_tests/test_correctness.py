@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import expect_upstream
-from prompts import token_prompt
+from prompts import entry_prompt
 
 from mlx_lm_ext.report.quality import agreement, decode_logprobs
 from mlx_lm_ext.settings import KVSettings
@@ -26,7 +26,7 @@ def test_greedy_tokens_identical_below_quantized_kv_start(entry, loaded, kv_bits
     from mlx_lm import stream_generate
 
     model, tok = loaded
-    prompt = token_prompt(entry.correctness["prompt_tokens"])
+    prompt = entry_prompt(entry, tok, entry.correctness["prompt_tokens"])
     n = entry.correctness["gen_tokens"]
     start = len(prompt) + n + 1  # never reached: the cache must stay untouched
 
@@ -41,9 +41,9 @@ def test_quantized_decode_stays_close_to_fp16(entry, loaded, kv_bits, request, r
     mark = expect_upstream(entry, kv_bits, quantizes=True)
     if mark:
         request.applymarker(mark)
-    model, _ = loaded
+    model, tok = loaded
     prefill = entry.correctness["prompt_tokens"]
-    tokens = token_prompt(prefill + DECODE)
+    tokens = entry_prompt(entry, tok, prefill + DECODE)
     ref = _fp16(entry, model, tokens, prefill)
     got = agreement(
         ref, decode_logprobs(model, tokens, prefill, KVSettings(kv_bits=kv_bits, quantized_kv_start=0))
