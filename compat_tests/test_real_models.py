@@ -14,6 +14,7 @@ import json
 
 import pytest
 from conftest import DELIVERY, SERVES_KV_FLAGS, load_once, skip_unless_supported
+from prompts import entry_prompt
 from test_server import Server, _request
 
 from mlx_lm_ext.report.quality import agreement, decode_logprobs, perplexity, prose
@@ -32,11 +33,6 @@ def real_model(real_path):
     return load_once(real_path)
 
 
-def _prose_tokens(tokenizer, n: int) -> list[int]:
-    ids = tokenizer.encode(prose())
-    return ids[:n]
-
-
 def test_factual_prompts_continue_as_the_real_model(real_entry, real_model):
     from mlx_lm import generate
 
@@ -49,7 +45,7 @@ def test_factual_prompts_continue_as_the_real_model(real_entry, real_model):
 def test_perplexity_on_prose_is_the_trained_models(real_entry, real_model, record_property):
     model, tokenizer = real_model
     bounds = real_entry.checks["prose"]
-    ppl = perplexity(model, _prose_tokens(tokenizer, bounds["perplexity_tokens"]))
+    ppl = perplexity(model, entry_prompt(real_entry, tokenizer, bounds["perplexity_tokens"]))
     record_property("perplexity", ppl)
     print(f"\n{real_entry.id}: perplexity {ppl:.2f} on {bounds['perplexity_tokens']} prose tokens")
     assert ppl <= bounds["max_perplexity"]
@@ -63,7 +59,7 @@ def test_quantized_kv_stays_close_to_16_bit_on_prose(real_entry, real_model, kv_
     model, tokenizer = real_model
     bounds = real_entry.checks["prose"]
     prefill, decode = bounds["prefill"], bounds["decode"]
-    tokens = _prose_tokens(tokenizer, prefill + decode)
+    tokens = entry_prompt(real_entry, tokenizer, prefill + decode)
     if real_entry.id not in _fp16:
         _fp16[real_entry.id] = decode_logprobs(model, tokens, prefill, KVSettings())
     settings = KVSettings(kv_bits=kv_bits, quantized_kv_start=0)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import mlx.core as mx
+from mlx_lm.models import base
 
 from .. import kernels
 from ..capability import strided_quantized_matmul
@@ -189,8 +190,6 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sink
     elif isinstance(keys, (tuple, list)):  # shared from a quantized layer, no cache here
         group_size, bits = packed_params(queries, keys)
     else:
-        from mlx_lm.models import base
-
         original = FIX.original(base, "scaled_dot_product_attention")
         return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
     tail = getattr(keys, "tail", None)  # 16-bit rows after the quantized ones (decode tail)
@@ -271,7 +270,6 @@ class QuantizedAttention(Fix):
     summary = "quantized attention: sinks (gpt-oss), shared quantized KV (gemma-4), fp32 scores"
 
     def needed(self) -> bool:
-        from mlx_lm.models import base
         from mlx_lm.models.cache import KVCache
 
         if base.scaled_dot_product_attention is scaled_dot_product_attention:
@@ -289,8 +287,6 @@ class QuantizedAttention(Fix):
         return False
 
     def install(self, patcher: Patcher) -> None:
-        from mlx_lm.models import base
-
         for name in _model_modules():
             importlib.import_module(name)
         patcher.rebind(base.scaled_dot_product_attention, scaled_dot_product_attention)

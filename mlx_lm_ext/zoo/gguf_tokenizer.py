@@ -71,8 +71,8 @@ def _sentencepiece(metadata: dict[str, Any]) -> Tokenizer:
     tok.normalizer = normalizers.Replace(" ", SPACE)
     tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
     if metadata.get("tokenizer.ggml.add_bos_token"):
-        bos = tokens[int(metadata["tokenizer.ggml.bos_token_id"])]
         bos_id = int(metadata["tokenizer.ggml.bos_token_id"])
+        bos = tokens[bos_id]
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
         )
