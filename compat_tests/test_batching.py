@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import copy
 
+import mlx.core as mx
 import pytest
 from conftest import DELIVERY
-from prompts import token_prompt
+from prompts import entry_prompts
 
 from mlx_lm_ext import layout
 
@@ -23,11 +24,22 @@ LENGTHS = [40, 13, 77, 5, 120]  # mixed; 77 and 120 span several prefill chunks
 CHUNK = 32
 TOKENS = 10
 JOIN = 6  # steps between joins: the first group's prompts are all prefilled by then
+# The joiners' first-token KL to their lone runs, as a share of 8-bit's own KL (CPU,
+# 0.32.2, every stand-in): exactly 0 when they wait for the quantized prompt batch;
+# 0.20-0.85, or a different token, on 6 of 8 entries when they join it. Bound 0.05:
+# room for a backend whose batched matmul rounds differently.
+JOIN_NOISE = 0.05
+# A wrapped batch ring's first-token KL to the lone ring (CPU, 0.32.2, the stand-ins):
+# 0 on 35 of 40 requests, at most 4.8e-7 (against 8-bit's own 1e-7 to 0.1); bound 5% of
+# 8-bit's KL plus 2e-6. Where tokens parted (1 of 40), the lone run's top two were
+# 0.031 nats apart; TIE 0.05.
+RING_NOISE = 0.05
+TIE = 0.05
 RING = 48  # shorter than the longer prompts: the batch ring wraps in prefill and decode
 
 
-def _prompts():
-    return [token_prompt(n, offset=5 + 11 * i) for i, n in enumerate(LENGTHS)]
+def _prompts(entry, loaded, lengths=LENGTHS):
+    return entry_prompts(entry, loaded[1], lengths)
 
 
 def _caches(model, ring: bool):
@@ -105,7 +117,7 @@ def _kl(p, q) -> float:
 @pytest.mark.parametrize("ring", [False, True], ids=["kv8", "kv8-ring48"])
 def test_batched_greedy_equals_each_request_alone(entry, loaded, ring):
     model, _ = loaded
-    prompts = _prompts()
+    prompts = _prompts(entry, loaded)
     expected = [_alone(model, p, _caches(model, ring)) for p in prompts]
     caches = [_caches(model, ring) for _ in prompts]
     got, gen = _batched(model, [prompts[:3], prompts[3:]], caches)  # the last two join mid-batch
@@ -113,12 +125,20 @@ def test_batched_greedy_equals_each_request_alone(entry, loaded, ring):
         assert _tokens(got) == _tokens(expected)
         return
     # A wrapped batch ring holds the lone ring's rows rolled by each request's padding, so
-    # attention sums them in another order: logprobs differ by a bf16 ulp at times
-    # (measured on gemma-4-e2b; exact on the other stand-ins), which can flip a near-tie
-    # of a random tiny model. Batching must move tokens less than 8 bits itself does.
+    # attention sums them in another order: logprobs differ by float rounding, which can
+    # flip a near-tie. So: the first token's distribution moves by float noise only (far
+    # less than 8 bits itself moves it), and where the tokens part, the lone run was at
+    # a near-tie (its top two within TIE nats).
     fp16 = [_alone(model, p, _caches(model, ring), kv_bits=None) for p in prompts]
-    for g, e, f in zip(_tokens(got), _tokens(expected), _tokens(fp16), strict=True):
-        assert _prefix(g, e) >= _prefix(e, f), (g, e, f)
+    for i, (g, e, f) in enumerate(zip(got, expected, fp16, strict=True)):
+        quantization = abs(_kl(f[0][1], e[0][1]))
+        print("RINGNOISE", entry.id, i, abs(_kl(e[0][1], g[0][1])), quantization)
+        assert abs(_kl(e[0][1], g[0][1])) <= RING_NOISE * quantization + 2e-6, i
+        n = _prefix(_tokens([g])[0], _tokens([e])[0])
+        if n < len(e):
+            top = mx.sort(e[n][1].astype(mx.float32))[-2:]
+            print("RINGTIE", entry.id, i, n, (top[1] - top[0]).item())
+            assert (top[1] - top[0]).item() <= TIE, (i, n, _tokens([g, e]))
 
 
 def _prefix(a: list[int], b: list[int]) -> int:
@@ -126,28 +146,29 @@ def _prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def test_request_joining_a_quantized_prompt_batch_stays_within_8_bit_error(entry, loaded):
-    """Joining while another prompt is still prefilling (already quantized), a request's
-    first chunk attends to quantized keys where alone it attends at 16 bits. The first
-    token's distribution then moves from the lone run by no more than 8-bit quantization
-    itself moves it from 16 bits (measured, join KL / 8-bit KL: at most 1.4 on gemma-4,
-    0.3 on gemma-3, 0 on the hybrids; bound 3x plus 1e-3 for the near-zero cases)."""
+def test_request_joining_a_quantized_prompt_batch_answers_as_alone(entry, loaded):
+    """Requests that arrive while another prompt is still prefilling (its cache already
+    quantized) wait for that prompt batch and start their own: their first chunk attends
+    at 16 bits, as alone. Joined into the quantized batch instead, it attended quantized,
+    which moved real Gemma 3 270M's first token 7x what 8-bit quantization does (join KL
+    0.066 against 8-bit's 0.0095). The first tokens' distributions must equal the lone
+    runs' up to float noise (JOIN_NOISE), far below what 8-bit quantization moves them."""
     model, _ = loaded
-    prompts = _prompts()
+    prompts = _prompts(entry, loaded)
     alone8 = [_alone(model, p, _caches(model, False)) for p in prompts]
     alone16 = [_alone(model, p, _caches(model, False), kv_bits=None) for p in prompts]
     got, _ = _batched(
         model, [prompts[:3], prompts[3:]], [_caches(model, False) for _ in prompts], join_every=1
     )
-    assert _tokens(got[:3]) == _tokens(alone8[:3])  # the first group is as before
+    assert _tokens(got) == _tokens(alone8)
     for i in (3, 4):
-        budget = 3 * abs(_kl(alone16[i][0][1], alone8[i][0][1])) + 1e-3
-        assert _kl(alone8[i][0][1], got[i][0][1]) <= budget
+        quantization = abs(_kl(alone16[i][0][1], alone8[i][0][1]))
+        assert abs(_kl(alone8[i][0][1], got[i][0][1])) <= JOIN_NOISE * quantization + 1e-6, i
 
 
 def test_cancelled_request_leaves_the_others_unchanged(entry, loaded):
     model, _ = loaded
-    prompts = _prompts()[:4]
+    prompts = _prompts(entry, loaded)[:4]
     expected = [_alone(model, p, _caches(model, False)) for p in prompts]
     got, _ = _batched(model, [prompts], [_caches(model, False) for _ in prompts], cancel_at=(4, 1))
     assert 0 < len(got[1]) < TOKENS
@@ -156,7 +177,7 @@ def test_cancelled_request_leaves_the_others_unchanged(entry, loaded):
 
 def test_batch_stays_16_bit_below_quantized_kv_start(entry, loaded):
     model, _ = loaded
-    prompts = _prompts()[:3]
+    prompts = _prompts(entry, loaded)[:3]
     start = max(LENGTHS[:3]) + TOKENS + 1
     expected = [_alone(model, p, _caches(model, False), kv_bits=None) for p in prompts]
     got, gen = _batched(model, [prompts], [_caches(model, False) for _ in prompts], start=start)
@@ -171,7 +192,7 @@ def test_batch_converts_when_its_longest_request_crosses_the_start(entry, loaded
 
     model, _ = loaded
     gen = BatchGenerator(model, max_tokens=50, prefill_step_size=CHUNK, kv_bits=8, quantized_kv_start=60)
-    gen.insert([token_prompt(20), token_prompt(50, offset=9)])
+    gen.insert(_prompts(entry, loaded, [20, 50]))
     kinds = set()
     for _ in range(40):
         gen.next()
@@ -181,11 +202,12 @@ def test_batch_converts_when_its_longest_request_crosses_the_start(entry, loaded
 
 def test_finished_request_cache_continues_in_a_new_batch(entry, loaded):
     """A quantized cache extracted from a batch (what the server's prompt cache stores)
-    merges with a fresh request and continues as the same cache would alone."""
+    continues in a new batch as it would alone, and a fresh request inserted with it
+    answers as alone too (it does not join the quantized prompt batch)."""
     from mlx_lm.generate import BatchGenerator
 
     model, _ = loaded
-    first, follow, other = token_prompt(30), token_prompt(12, offset=40), token_prompt(25, offset=70)
+    first, follow, other = _prompts(entry, loaded, [30, 12, 25])
     gen = BatchGenerator(model, max_tokens=TOKENS, prefill_step_size=CHUNK, kv_bits=8, quantized_kv_start=0)
     (uid,) = gen.insert([first])
     stored = None
@@ -195,6 +217,6 @@ def test_finished_request_cache_continues_in_a_new_batch(entry, loaded):
                 stored = r.prompt_cache
     kinds = {layout.classify(c) for c in _walk(stored)} - {layout.RECURRENT}
     assert kinds <= {layout.QUANTIZED, layout.QUANTIZED_SLIDING}
-    expected = _alone(model, follow, copy.deepcopy(stored))
+    expected = [_alone(model, follow, copy.deepcopy(stored)), _alone(model, other, _caches(model, False))]
     got, _ = _batched(model, [[follow, other]], [copy.deepcopy(stored), _caches(model, False)])
-    assert _tokens(got)[0] == _tokens([expected])[0]  # `other` joined a quantized batch: see above
+    assert _tokens(got) == _tokens(expected)  # `other` (16-bit) waits for a prompt batch of its own
