@@ -58,6 +58,17 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("real_entry", entries, ids=[e.id for e in entries], scope="session")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under --tier hub, every test that runs on a tier's model is a `hub` test, so that
+    `-m hub --tier hub` selects them (before the -m filter runs)."""
+    if config.getoption("--tier") != "hub":
+        return
+    for item in items:
+        if "tier" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.hub)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def delivery():
     """Apply the monkeypatches for the session (or not), and restore upstream after."""
@@ -87,7 +98,16 @@ def model_path(entry, tier):
     try:
         return resolve(entry, tier)
     except HubUnavailable as exc:
-        pytest.skip(str(exc))
+        if explicitly_offline():
+            pytest.skip(f"{exc} (HF_HUB_OFFLINE=1: only models already in the hub cache run)")
+        pytest.fail(f"{exc}\nthe hub tier needs the hub; set HF_HUB_OFFLINE=1 to run only cached models")
+
+
+def explicitly_offline() -> bool:
+    """The user said the hub is out of reach (huggingface_hub's own switch): a hub-tier
+    model missing from the cache skips. Otherwise a download that fails is a failure, so
+    `-m hub` with no network is red, never green with everything skipped."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 _loaded: dict = {}

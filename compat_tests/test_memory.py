@@ -10,7 +10,7 @@ from conftest import expect_upstream
 from prompts import token_prompt
 
 from mlx_lm_ext import layout
-from mlx_lm_ext.report.measure import filled_cache
+from mlx_lm_ext.report.measure import attention_layers, filled_cache, prefill
 from mlx_lm_ext.report.quality import cache_nbytes, layer_nbytes
 from mlx_lm_ext.settings import KVSettings
 
@@ -59,13 +59,18 @@ def test_quantized_cache_bytes_match_affine_ratio(entry, loaded, kv_bits, reques
 BOUND = 128
 
 
-def _fp_equivalent_bytes(layer) -> tuple[int, int, int]:
-    """(tokens held, bytes the same keys and values take unquantized, their dtype bits)."""
-    total, held = 0, None
-    for _, scales, _ in (layer.keys, layer.values):
-        b, heads, held, groups = scales.shape
-        total += b * heads * held * groups * 64 * scales.dtype.size
-    return held, total, scales.dtype.size * 8
+def _bounded_bytes_promised(model, kv_bits: int) -> float:
+    """What every attention layer's ring must hold under max_kv_size=BOUND, from the
+    16-bit cache's geometry alone (heads, head dims, dtype of a short 16-bit prefill):
+    BOUND rows of keys and of values, each at the affine ratio of its dtype."""
+    cache = prefill(model, token_prompt(8), KVSettings(max_kv_size=BOUND), step=8)
+    total = 0.0
+    for layer in attention_layers(cache):
+        for x in (layer.keys, layer.values):
+            b, heads, _, dim = x.shape
+            bits = x.dtype.size * 8
+            total += b * heads * BOUND * dim * x.dtype.size * affine_ratio(kv_bits, 64, bits)
+    return total
 
 
 @pytest.mark.parametrize("n_tokens", [8192, pytest.param(32768, marks=pytest.mark.slow)], ids=["8K", "32K"])
@@ -85,16 +90,11 @@ def test_bounded_quantized_cache_bytes_are_bound_times_affine_ratio(
     attention = [cache[i] for i, k in enumerate(kinds) if k in (layout.QUANTIZED, layout.QUANTIZED_SLIDING)]
     assert attention and len(attention) == sum(k in (layout.FULL, layout.SLIDING) for k in entry.layout)
     measured = sum(layer_nbytes(c) for c in attention)
-    limit, most = 0.0, 0
-    for layer in attention:
-        held, fp_bytes, dtype_bits = _fp_equivalent_bytes(layer)
-        assert held <= BOUND, f"{held} tokens held under max_kv_size={BOUND}"
-        most = max(most, held)
-        limit += fp_bytes * affine_ratio(kv_bits, 64, dtype_bits)
-    assert most == BOUND  # full-attention layers fill the bound exactly, no step slack
+    promised = _bounded_bytes_promised(model, kv_bits)
     record_property("bounded_kv_bytes", measured)
     print(
         f"\n{entry.id} {n_tokens} tokens, bound {BOUND}, kv_bits={kv_bits}: "
-        f"{measured} bytes, limit {limit:.0f}"
+        f"{measured} bytes, promised {promised:.0f}"
     )
-    assert measured == pytest.approx(limit, rel=1e-9)
+    # exact: no step slack, no unquantized remainder, no layer over or under the bound
+    assert measured == pytest.approx(promised, rel=1e-9)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import mlx.core as mx
 import pytest
 
@@ -148,15 +152,32 @@ def test_operands_read_buffers_the_view_fills_without_copies(monkeypatch):
     assert all(a is b for a, b in zip(got_v, vars(cache)["values"], strict=True))
 
 
-def test_flash_kernels_are_named_for_their_source():
-    """MLX caches compiled kernels on disk by name: a changed source gets a new name."""
+_NAME_IN_ANOTHER_PROCESS = """
+import mlx.core as mx
+from mlx_lm_ext import kernels
+plan = (("R", 4), ("D", 128), ("HAS_TAIL", True), ("OutT", mx.bfloat16))
+print(kernels.kernel_name("flash", kernels.flash_source(plan)))
+"""
+
+
+def test_flash_kernels_are_named_for_their_source(monkeypatch):
+    """MLX caches compiled kernels on disk by name alone: the same source must get the
+    same name in every process (a name from hash() or id() would not), and any change,
+    a constant or a shared device helper, a new name."""
     plan = (("R", 4), ("D", 128), ("HAS_TAIL", True), ("OutT", mx.bfloat16))
     source = kernels.flash_source(plan)
     assert "constexpr int R = 4;" in source and "constexpr bool HAS_TAIL = true;" in source
     assert "using OutT = __nv_bfloat16;" in source
-    other = kernels.flash_source((("R", 8), *plan[1:]))
-    assert kernels.kernel_name("flash", source) == kernels.kernel_name("flash", source)
-    assert kernels.kernel_name("flash", source) != kernels.kernel_name("flash", other)
+    name = kernels.kernel_name("flash", source)
+    assert name.isidentifier() and name.startswith("mlx_lm_ext_qattn_flash_")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    other_process = subprocess.run(
+        [sys.executable, "-c", _NAME_IN_ANOTHER_PROCESS], env=env, capture_output=True, text=True, check=True
+    )
+    assert other_process.stdout.strip() == name
+    assert kernels.kernel_name("flash", kernels.flash_source((("R", 8), *plan[1:]))) != name
+    monkeypatch.setattr(kernels.plan, "header", lambda: "// a changed helper\n")
+    assert kernels.kernel_name("flash", source) != name
 
 
 def _outlier_kv(heads: int, tokens: int, dim: int, seed: int) -> mx.array:

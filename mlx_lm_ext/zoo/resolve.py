@@ -22,7 +22,8 @@ TIERS = ("offline", "hub")
 
 
 class HubUnavailable(RuntimeError):
-    """The hub could not be reached; hub-tier tests skip with this reason."""
+    """The hub could not be reached: hub-tier tests fail with this reason (skip where
+    HF_HUB_OFFLINE=1 says the hub is out of reach on purpose)."""
 
 
 def resolve_recall(entry: ModelEntry, spec: RecallSpec | None = None) -> Path:
