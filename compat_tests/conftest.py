@@ -16,6 +16,7 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from importlib.metadata import version
 
@@ -143,6 +144,19 @@ def upstream_failure(entry, kv_bits, quantizes: bool, bounded: bool = False) -> 
     if layout.SLIDING in entry.layout:
         return NYI
     return None
+
+
+@contextlib.contextmanager
+def unpatched():
+    """The installed mlx-lm exactly as upstream ships it, for the block: the monkeypatch
+    delivery's fixes are reverted, then applied again."""
+    names = mlx_lm_ext.applied()
+    mlx_lm_ext.revert()
+    try:
+        yield
+    finally:
+        if names:
+            mlx_lm_ext.apply(only=names)
 
 
 def expect_upstream(entry, kv_bits, quantizes: bool, bounded: bool = False):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 
-def entry_prompt(entry, tokenizer, n: int) -> list[int]:
+def entry_prompt(entry, tokenizer, n: int, real: bool = False) -> list[int]:
     """n prompt tokens: English prose for a real model (its low ids are special or unused
-    tokens, not text), spread-out ids for a stand-in."""
-    if entry.real:
+    tokens, not text; `real`: the hub tier's model), spread-out ids for a stand-in."""
+    if entry.real or real:
         from mlx_lm_ext.report.quality import prose
 
         return tokenizer.encode(prose())[:n]

@@ -114,13 +114,16 @@ def _kl(p, q) -> float:
     return (mx.exp(p) * (p - q)).sum().item()
 
 
-@pytest.mark.parametrize("ring", [False, True], ids=["kv8", "kv8-ring48"])
-def test_batched_greedy_equals_each_request_alone(entry, loaded, ring):
+@pytest.mark.parametrize(
+    "ring,kv_bits", [(False, 8), (True, 8), (False, 4)], ids=["kv8", "kv8-ring48", "kv4"]
+)
+def test_batched_greedy_equals_each_request_alone(entry, loaded, ring, kv_bits):
     model, _ = loaded
     prompts = _prompts(entry, loaded)
-    expected = [_alone(model, p, _caches(model, ring)) for p in prompts]
+    expected = [_alone(model, p, _caches(model, ring), kv_bits=kv_bits) for p in prompts]
     caches = [_caches(model, ring) for _ in prompts]
-    got, gen = _batched(model, [prompts[:3], prompts[3:]], caches)  # the last two join mid-batch
+    # the last two join mid-batch
+    got, gen = _batched(model, [prompts[:3], prompts[3:]], caches, kv_bits=kv_bits)
     if not ring:
         assert _tokens(got) == _tokens(expected)
         return

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import DELIVERY, SERVES_KV_FLAGS, load_once, skip_unless_supported
+from conftest import DELIVERY, SERVES_KV_FLAGS, load_once, skip_unless_supported, unpatched, upstream_failure
 from prompts import entry_prompt
 from test_server import Server, _request
 
@@ -54,8 +54,8 @@ def test_perplexity_on_prose_is_the_trained_models(real_entry, real_model, recor
 _fp16: dict = {}
 
 
-@pytest.mark.parametrize("kv_bits", [8, 4])
-def test_quantized_kv_stays_close_to_16_bit_on_prose(real_entry, real_model, kv_bits, record_property):
+def _on_prose(real_entry, real_model, kv_bits: int):
+    """Agreement with 16-bit of the prose decode positions at kv_bits, quantized from token 0."""
     model, tokenizer = real_model
     bounds = real_entry.checks["prose"]
     prefill, decode = bounds["prefill"], bounds["decode"]
@@ -63,13 +63,42 @@ def test_quantized_kv_stays_close_to_16_bit_on_prose(real_entry, real_model, kv_
     if real_entry.id not in _fp16:
         _fp16[real_entry.id] = decode_logprobs(model, tokens, prefill, KVSettings())
     settings = KVSettings(kv_bits=kv_bits, quantized_kv_start=0)
-    got = agreement(_fp16[real_entry.id], decode_logprobs(model, tokens, prefill, settings))
+    return agreement(_fp16[real_entry.id], decode_logprobs(model, tokens, prefill, settings))
+
+
+_ours: dict = {}
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_quantized_kv_stays_close_to_16_bit_on_prose(real_entry, real_model, kv_bits, record_property):
+    bounds = real_entry.checks["prose"]
+    got = _ours[real_entry.id, kv_bits] = _on_prose(real_entry, real_model, kv_bits)
     record_property("kl_mean", got.kl_mean)
     record_property("top1", got.top1)
     kl = f"KL mean {got.kl_mean:.2e} max {got.kl_max:.2e}"
     print(f"\n{real_entry.id} kv_bits={kv_bits}: {kl} top-1 {got.top1:.3f}")
     assert got.kl_mean <= bounds["max_kl"][kv_bits]
     assert got.top1 >= bounds["min_top1"][kv_bits]
+
+
+@pytest.mark.skipif(DELIVERY != "monkeypatch", reason="compares the monkeypatches with themselves reverted")
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_quantized_kv_on_prose_is_as_close_to_16_bit_as_upstreams(real_entry, real_model, kv_bits):
+    """The same prose positions at the same bits, with the fixes and with them reverted,
+    where upstream quantizes the model at all (SmolLM2; Gemma's sliding layers raise
+    NYI upstream). Measured KL ours / upstream's, SmolLM2, CPU 0.32.2, on this test's
+    window: 8-bit 2.36e-3 / 4.63e-3, 4-bit 0.133 / 0.129 (1.03x); over 3 windows of 288
+    prose tokens: 8-bit 2.33e-3 / 4.71e-3, 4-bit 0.093 / 0.097. Bound: ours <= 1.1x
+    upstream's. A 1% error in our attention's scale passes every stand-in test (their
+    attention is near-uniform); this is where such a regression shows."""
+    reason = upstream_failure(real_entry, kv_bits, quantizes=True)
+    if reason:
+        pytest.skip(f"upstream mlx-lm cannot quantize {real_entry.id}'s cache: {reason}")
+    ours = _ours.get((real_entry.id, kv_bits)) or _on_prose(real_entry, real_model, kv_bits)
+    with unpatched():
+        theirs = _on_prose(real_entry, real_model, kv_bits)
+    print(f"\n{real_entry.id} kv_bits={kv_bits}: KL ours {ours.kl_mean:.3g}, upstream {theirs.kl_mean:.3g}")
+    assert ours.kl_mean <= 1.1 * theirs.kl_mean, (ours, theirs)
 
 
 @pytest.mark.skipif(not SERVES_KV_FLAGS, reason="unpatched mlx-lm's server has no kv flags before 0.32")
@@ -166,14 +195,14 @@ def _captured_attention(model, tokens: list[int]) -> list[tuple]:
 
 
 @pytest.mark.skipif(DELIVERY == "patches", reason="upstream's quantized SDPA is ours on a patched tree")
-@pytest.mark.parametrize("kv_bits", [8, 6, 4, 3, 2])
+@pytest.mark.parametrize("kv_bits", [8, 6, 5, 4, 3, 2])
 def test_quantized_attention_on_real_activations_is_closer_to_exact_than_upstreams(
     real_entry, real_model, kv_bits
 ):
     """On every layer's real queries, keys and values (a 160-token prose prefill, as a
     causal chunk and as one decode query), our quantized attention is closer to exact
-    float32 attention over the same dequantized cache than upstream's quantized SDPA.
-    Measured mean |error| ratio ours / upstream, CPU 0.32.2, bits 8 to 2, this file
+    float32 attention over the same dequantized cache than upstream's quantized SDPA, at
+    every accepted bit width. Measured mean |error| ratio ours / upstream, CPU 0.32.2, bits 8 to 2, this file
     alone: Gemma 3 270M 0.031-0.051, SmolLM2 0.057-0.095; in the whole suite under
     xdist (CI), 2 bits read 0.208 and 0.205 (not yet explained: something an earlier
     test leaves behind). Bound 0.3. With scores and sums in bf16 (upstream's arithmetic)

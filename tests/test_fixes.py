@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import subprocess
+import sys
 
 import pytest
 from mlx_lm import server
@@ -48,6 +50,32 @@ def test_apply_logs_once_per_fix_is_idempotent_and_revert_restores(caplog):
     assert set(mlx_lm_ext.revert()) == set(first)
     assert all(a is b for a, b in zip(before, _targets(), strict=True))
     assert mlx_lm_ext.applied() == []
+
+
+_LATE_IMPORT = """
+import sys
+import mlx_lm_ext
+from mlx_lm.models import base
+from mlx_lm.models.cache import make_prompt_cache
+assert "mlx_lm.models.llama" not in sys.modules
+original = base.scaled_dot_product_attention, make_prompt_cache
+mlx_lm_ext.apply()
+from mlx_lm.models import llama  # imported while applied, as mlx_lm.load does on first use
+assert llama.scaled_dot_product_attention is base.scaled_dot_product_attention is not original[0]
+mlx_lm_ext.revert()
+assert llama.scaled_dot_product_attention is base.scaled_dot_product_attention is original[0]
+from mlx_lm.models import cache
+assert cache.make_prompt_cache is original[1]
+print("restored")
+"""
+
+
+def test_revert_restores_modules_imported_while_applied():
+    """mlx_lm.load imports a model's module on first use, after apply(): it copies our
+    attention by name. revert() must hand those copies upstream's back, or the model
+    keeps running a fix that is no longer applied (and that fails once reverted)."""
+    done = subprocess.run([sys.executable, "-c", _LATE_IMPORT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "restored" in done.stdout, done.stderr[-2000:]
 
 
 def test_applied_fixes_are_no_longer_needed():

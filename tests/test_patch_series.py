@@ -136,6 +136,39 @@ def test_verdict_catches_regressions_failed_additions_and_delivery_mismatch():
     assert compare(bad)["compat_mismatch"] == {"y": ["skipped", "passed"]} and not compare(bad)["ok"]
 
 
+def test_verdict_compares_the_figures_both_deliveries_record(tmp_path):
+    """Passing is not enough: a patch that keeps every test green but answers worse
+    (a KL or top-1 the monkeypatch does not give) turns the verdict red."""
+    from mlx_lm_ext.upstream.report import compare, markdown
+    from mlx_lm_ext.upstream.verify import parse_junit
+
+    def junit(kl: str, top1: str):
+        path = tmp_path / f"{kl}-{top1}.xml"
+        path.write_text(
+            '<testsuites><testsuite><testcase classname="compat_tests.test_correctness" name="t[8]">'
+            f'<properties><property name="kl_mean" value="{kl}"/><property name="top1" value="{top1}"/>'
+            '<property name="model" value="llama-3.2"/></properties></testcase></testsuite></testsuites>'
+        )
+        return parse_junit("run", path)
+
+    upstream = {
+        "upstream-unpatched": _run("u", {"a": "passed"}),
+        "upstream-patched": _run("p", {"a": "passed"}),
+    }
+    mono, test = junit("1.4e-05", "0.96875"), "compat_tests.test_correctness::t[8]"
+    assert mono.figures == {test: {"kl_mean": 1.4e-05, "top1": 0.96875}}
+    same = compare(
+        {**upstream, "compat-monkeypatch": mono, "compat-patches": junit("1.40001e-05", "0.96875")}
+    )
+    assert same["ok"] and same["compat_figures_compared"] == 1
+    worse = compare({**upstream, "compat-monkeypatch": mono, "compat-patches": junit("4.7e-05", "0.9375")})
+    assert not worse["ok"]
+    assert worse["compat_figure_mismatch"] == {
+        test: {"kl_mean": [1.4e-05, 4.7e-05], "top1": [0.96875, 0.9375]}
+    }
+    assert "kl_mean: monkeypatch 1.4e-05, patches 4.7e-05" in markdown("0.32.2", [], worse)
+
+
 RENAMING_DIFF = """\
 diff --git a/tests/test_server.py b/tests/test_server.py
 --- a/tests/test_server.py

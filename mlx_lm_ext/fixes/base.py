@@ -58,15 +58,18 @@ class Patcher:
             raise LookupError(f"{self.fix_name} did not replace {name}.{attr}") from None
 
     def rebind(self, original: Any, new: Any, prefix: str = "mlx_lm") -> int:
-        """Replace every module-level binding of `original` under `prefix`; returns count."""
+        """Replace every module-level binding of `original` under `prefix`; returns count.
+
+        A module imported while the fix is applied (mlx_lm.load imports a model's module
+        on first use) copies `new` by name; undo hands those copies the original too.
+        """
         count = 0
-        for name, module in list(sys.modules.items()):
-            if module is None or not (name == prefix or name.startswith(prefix + ".")):
-                continue
+        for module in _modules(prefix):
             for attr, value in list(vars(module).items()):
                 if value is original:
                     self.set(module, attr, new, expected=original)
                     count += 1
+        self.defer(lambda: _replace_everywhere(new, original, prefix))
         return count
 
     def defer(self, fn: Any) -> None:
@@ -83,6 +86,22 @@ class Patcher:
             else:
                 setattr(owner, attr, previous)
         self._originals.clear()
+
+
+def _modules(prefix: str) -> list[Any]:
+    return [
+        module
+        for name, module in list(sys.modules.items())
+        if module is not None and (name == prefix or name.startswith(prefix + "."))
+    ]
+
+
+def _replace_everywhere(new: Any, original: Any, prefix: str) -> None:
+    """Every module-level binding of `new` under `prefix` becomes `original` again."""
+    for module in _modules(prefix):
+        for attr, value in list(vars(module).items()):
+            if value is new:
+                setattr(module, attr, original)
 
 
 class Fix:

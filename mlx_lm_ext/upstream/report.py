@@ -14,6 +14,26 @@ def _short(message: str) -> str:
     return first[:160].replace("|", "/")
 
 
+# Both deliveries run the same arithmetic, so a figure both record must agree to within
+# float reordering; a difference beyond this is a behaviour the series does not carry.
+FIGURE_RTOL = 1e-3
+
+
+def figure_mismatch(mono: Run, diffs: Run) -> dict[str, dict[str, list[float]]]:
+    """Per test, the figures (KL, top-1, bytes) both deliveries recorded and that differ."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for test in sorted(set(mono.figures) & set(diffs.figures)):
+        a, b = mono.figures[test], diffs.figures[test]
+        differ = {
+            name: [a[name], b[name]]
+            for name in sorted(set(a) & set(b))
+            if abs(a[name] - b[name]) > FIGURE_RTOL * max(abs(a[name]), abs(b[name])) + 1e-12
+        }
+        if differ:
+            out[test] = differ
+    return out
+
+
 def compare(runs: dict[str, Run], replaced: dict[str, str | None] | None = None) -> dict:
     """The verdicts: upstream regressions, added tests, and delivery agreement.
 
@@ -41,6 +61,8 @@ def compare(runs: dict[str, Run], replaced: dict[str, str | None] | None = None)
         "upstream_failing_on_both": {t: _short(after.messages.get(t, "")) for t in both_failed},
         "compat_failures": {t: _short(diffs.messages[t]) for t in sorted(diffs.ids("failed"))},
         "compat_mismatch": {t: [mono.outcomes.get(t), diffs.outcomes.get(t)] for t in mismatch},
+        "compat_figure_mismatch": figure_mismatch(mono, diffs),
+        "compat_figures_compared": len(set(mono.figures) & set(diffs.figures)),
     }
     result["ok"] = bool(
         runs["compat-patches"].outcomes
@@ -48,6 +70,7 @@ def compare(runs: dict[str, Run], replaced: dict[str, str | None] | None = None)
         and all(o == "passed" for o in result["upstream_added"].values())
         and not result["compat_failures"]
         and not result["compat_mismatch"]
+        and not result["compat_figure_mismatch"]
     )
     return result
 
@@ -79,6 +102,18 @@ def markdown(release: str, applied: list[str], result: dict) -> str:
         f"Compat tests whose outcome differs between the deliveries: {len(result['compat_mismatch'])}",
     ]
     lines += [f"- {t}: monkeypatch {a}, patches {b}" for t, (a, b) in result["compat_mismatch"].items()]
+    figures = result.get("compat_figure_mismatch", {})
+    lines += [
+        "",
+        f"Recorded figures (KL, top-1, bytes) compared between the deliveries: "
+        f"{result.get('compat_figures_compared', 0)} tests; differing by more than {FIGURE_RTOL:g}: "
+        f"{len(figures)}",
+    ]
+    lines += [
+        f"- {t} {name}: monkeypatch {a:.6g}, patches {b:.6g}"
+        for t, props in figures.items()
+        for name, (a, b) in props.items()
+    ]
     lines += ["", f"Compat failures with the patches alone: {len(result['compat_failures'])}"]
     lines += [f"- {t}: {m}" for t, m in result["compat_failures"].items()]
     both = result["upstream_failing_on_both"]

@@ -37,6 +37,8 @@ class Run:
     label: str
     outcomes: dict[str, str] = field(default_factory=dict)
     messages: dict[str, str] = field(default_factory=dict)
+    # what each test recorded with record_property (KL, top-1, bytes), as numbers
+    figures: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def ids(self, outcome: str) -> set[str]:
         return {t for t, o in self.outcomes.items() if o == outcome}
@@ -80,6 +82,8 @@ class Environment:
             "-n",
             "2",
             f"--junitxml={report}",
+            "-o",
+            "junit_family=legacy",  # keeps record_property's figures without a warning
             *args,
         ]
         print(f"[{label}] {' '.join(cmd)} (in {cwd})", flush=True)
@@ -104,7 +108,21 @@ def parse_junit(label: str, path: Path) -> Run:
                 outcome, message = "skipped", child.get("message") or ""
         if run.outcomes.get(test) != "failed":  # subtests report a case more than once
             run.outcomes[test], run.messages[test] = outcome, message
+        figures = _figures(case)
+        if figures:
+            run.figures[test] = figures
     return run
+
+
+def _figures(case: ET.Element) -> dict[str, float]:
+    """The numeric <property> values of a <testcase> (record_property)."""
+    out = {}
+    for prop in case.iter("property"):
+        try:
+            out[prop.get("name")] = float(prop.get("value"))
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 def upstream_tests(env: Environment, tree: Path, work: Path, label: str, hf: Path) -> Run:
