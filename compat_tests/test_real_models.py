@@ -202,11 +202,13 @@ def test_quantized_attention_on_real_activations_is_closer_to_exact_than_upstrea
     """On every layer's real queries, keys and values (a 160-token prose prefill, as a
     causal chunk and as one decode query), our quantized attention is closer to exact
     float32 attention over the same dequantized cache than upstream's quantized SDPA, at
-    every accepted bit width. Measured mean |error| ratio ours / upstream, CPU 0.32.2, bits 8 to 2, this file
-    alone: Gemma 3 270M 0.031-0.051, SmolLM2 0.057-0.095; in the whole suite under
-    xdist (CI), 2 bits read 0.208 and 0.205 (not yet explained: something an earlier
-    test leaves behind). Bound 0.3. With scores and sums in bf16 (upstream's arithmetic)
-    the ratio is 1.000 and this fails."""
+    every accepted bit width. Measured mean |error| ratio ours / upstream, CPU 0.32.2,
+    bits 8 to 2: Gemma 3 270M 0.031-0.051, SmolLM2 0.057-0.095, alone or in the whole
+    suite. Bound 0.19 (2x the worst). (Upstream's function scales its queries argument in
+    place, `queries *= scale`, so it gets a copy: handed the captured queries themselves,
+    every later case ran on queries scaled again, which read as 0.14-0.21 "in the whole
+    suite".) With scores and sums in bf16 (upstream's arithmetic) the ratio is 1.000 and
+    this fails."""
     import mlx.core as mx
     from mlx_lm.models.base import quantized_scaled_dot_product_attention as upstream
 
@@ -224,13 +226,16 @@ def test_quantized_attention_on_real_activations_is_closer_to_exact_than_upstrea
             ops = QuantizedOperands(qk, qv, 64, kv_bits)
             got = {
                 "ours": quantized_attention(q, ops, scale, mask, kernels_on=False),
-                "upstream": upstream(q, qk, qv, scale=scale, mask=mask, group_size=64, bits=kv_bits),
+                # upstream scales its queries argument in place (`queries *= scale`): a copy
+                "upstream": upstream(
+                    mx.array(q), qk, qv, scale=scale, mask=mask, group_size=64, bits=kv_bits
+                ),
             }
             for name, out in got.items():
                 errors[name] += mx.abs(out.astype(mx.float32) - want).mean().item()
     ratio = errors["ours"] / errors["upstream"]
     print(f"\n{real_entry.id} kv_bits={kv_bits}: error ours/upstream {ratio:.3f} over {len(calls)} layers")
-    assert ratio <= 0.3, errors
+    assert ratio <= 0.19, errors
 
 
 def _exact_attention(q, qk, qv, bits: int, scale: float, mask):
