@@ -76,7 +76,7 @@ def _request(port: int, path: str, body: dict | None = None, timeout: float = 12
 
 
 class Server:
-    def __init__(self, model_path, args: list[str], log_path):
+    def __init__(self, model_path, args: list[str], log_path, env: dict | None = None):
         self.port = _free_port()
         self.log_path = log_path
         self.log = open(log_path, "w")
@@ -92,7 +92,8 @@ class Server:
             str(MAX_TOKENS),
             *args,
         ]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        env = {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + STARTUP_S
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -215,6 +216,80 @@ def test_failed_request_gets_error_and_next_is_served(server):
     assert status >= 400 and "error" in json.loads(body), body
     status, body = _completion(server, PROMPT)
     assert status == 200, body
+
+
+# Request bodies that upstream 0.32.2 lets through to the generation thread (where the
+# first two kill it: every later request gets 404 "generation thread died"), or crashes on
+# (a logit_bias id past the vocabulary: a segfault on the CPU backend).
+BAD_REQUESTS = {
+    "empty-prompt": ("/v1/completions", {"prompt": "", "max_tokens": 4}, "prompt must be a non-empty string"),
+    "stop-int": ("/v1/completions", {"prompt": "hi", "stop": 5}, "stop must be a string or a list"),
+    "stop-list-int": ("/v1/completions", {"prompt": "hi", "stop": [5]}, "stop must be a string or a list"),
+    "prompt-null": ("/v1/completions", {"prompt": None}, "prompt must be a non-empty string"),
+    "prompt-int": ("/v1/completions", {"prompt": 123}, "prompt must be a non-empty string"),
+    "logit-bias-id": (
+        "/v1/completions",
+        {"prompt": "hi", "logit_bias": {"9999999": 5}},
+        "outside the vocabulary",
+    ),
+    "stream-options": ("/v1/completions", {"prompt": "hi", "stream_options": "x"}, "stream_options must be"),
+    "messages-empty-object": ("/v1/chat/completions", {"messages": [{}]}, "messages[0] must be an object"),
+    "messages-missing": ("/v1/chat/completions", {"max_tokens": 4}, "messages must be a non-empty list"),
+    "tools-string": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "tools": "x"},
+        "tools must be",
+    ),
+}
+
+
+@pytest.mark.parametrize("path,body,message", list(BAD_REQUESTS.values()), ids=list(BAD_REQUESTS))
+def test_bad_request_gets_400_and_the_server_keeps_serving(server, path, body, message):
+    status, raw = _request(server.port, path, body)
+    assert status == 400 and message in raw, (status, raw)
+    assert _request(server.port, "/health")[0] == 200
+    status, raw = _completion(server, PROMPT)
+    assert status == 200 and json.loads(raw)["choices"][0]["text"], raw
+
+
+def test_malformed_http_gets_an_answer(server):
+    """A body that is not UTF-8: 400 (upstream closes the connection); a GET on a POST
+    endpoint: 405 naming POST (upstream: 404)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request(
+        "POST",
+        "/v1/completions",
+        body=b'{"prompt": "\xff\xfe"}',
+        headers={"Content-Type": "application/json"},
+    )
+    reply = conn.getresponse()
+    assert reply.status == 400 and b"not UTF-8" in reply.read()
+    conn.request("GET", "/v1/chat/completions")
+    reply = conn.getresponse()
+    assert reply.status == 405 and reply.getheader("Allow") == "POST", reply.read()
+    reply.read()
+    conn.close()
+    assert _completion(server, PROMPT)[0] == 200
+
+
+def test_models_list_needs_no_hugging_face_cache(tmp_path):
+    """A fresh machine serving a local folder has no hub cache: /v1/models still lists the
+    served model (upstream: a 200 status line, then a CacheNotFound traceback, no body).
+    One family shows it: the path is the same for every model."""
+    from mlx_lm_ext.zoo import get_entry, resolve
+
+    model_path = resolve(get_entry("llama-3.2"))
+    empty = tmp_path / "no-hf-cache"
+    env = {"HF_HOME": str(empty), "HF_HUB_CACHE": str(empty / "hub")}
+    server = Server(model_path, [], tmp_path / "server.log", env=env)
+    try:
+        status, raw = _request(server.port, "/v1/models")
+    finally:
+        server.stop()
+    assert status == 200, raw
+    assert str(model_path.resolve()) in [m["id"] for m in json.loads(raw)["data"]]
 
 
 CONCURRENT = 8

@@ -19,6 +19,7 @@ from . import (
     quantized_decode_tail,
     quantized_rotating_kv_cache,
     request_errors,
+    request_validation,
     server_kv_flags,
 )
 from .base import Fix, PatchConflict, Patcher
@@ -37,6 +38,7 @@ FIXES: list[Fix] = [
     batch_quantized_rotating_cache.FIX,
     batched_quantized_kv.FIX,
     request_errors.FIX,
+    request_validation.FIX,
 ]
 BY_NAME = {f.name: f for f in FIXES}
 _order: list[str] = []  # names in the order applied, for a newest-first revert
