@@ -111,6 +111,17 @@ def explicitly_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+@pytest.fixture(scope="session")
+def real_path(real_entry):
+    skip_unless_supported(real_entry)
+    return resolve(real_entry, "offline")
+
+
+@pytest.fixture(scope="session")
+def real_model(real_path):
+    return load_once(real_path)
+
+
 _loaded: dict = {}
 
 

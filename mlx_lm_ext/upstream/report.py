@@ -5,8 +5,9 @@ from __future__ import annotations
 from .replaced import split_regressions
 from .verify import Run
 
-# Tests that check one delivery and skip in the others (compat_tests/test_delivery.py).
-DELIVERY_SPECIFIC = "compat_tests.test_delivery::"
+# Tests that check one delivery and skip in the others: test_delivery.py, and
+# test_against_upstream.py (ours against upstream's, only where both are installed).
+DELIVERY_SPECIFIC = ("compat_tests.test_delivery::", "compat_tests.test_against_upstream::")
 
 
 def _short(message: str) -> str:
