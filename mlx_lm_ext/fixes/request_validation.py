@@ -153,9 +153,8 @@ class RequestValidation(Fix):
     def needed(self) -> bool:
         from mlx_lm import server
 
-        probe = SimpleNamespace(body={"prompt": "x", "stop": 5}, path="/v1/completions")
         try:
-            server.APIHandler.validate_model_parameters(_Probe(probe))
+            server.APIHandler.validate_model_parameters(_Probe())
         except ValueError:
             return False  # this release (or the series) already refuses a non-string stop
         except Exception:
@@ -175,41 +174,18 @@ class RequestValidation(Fix):
 
 
 class _Probe:
-    """A handler's fields as upstream's validate_model_parameters reads them, all valid
-    but `stop`, which upstream leaves unchecked."""
+    """A request handler as upstream's validate_model_parameters sees it: every field
+    passes (`_validate` accepts anything, unknown fields are None) but `stop`, which only
+    a release or a series that checks the body's text refuses."""
 
-    def __init__(self, probe: SimpleNamespace):
-        self.__dict__.update(
-            body=probe.body,
-            path=probe.path,
-            stream=False,
-            max_tokens=8,
-            temperature=0.0,
-            top_p=1.0,
-            top_k=0,
-            min_p=0.0,
-            num_draft_tokens=0,
-            repetition_penalty=0.0,
-            repetition_context_size=20,
-            presence_penalty=0.0,
-            presence_context_size=20,
-            frequency_penalty=0.0,
-            frequency_context_size=20,
-            logprobs=False,
-            top_logprobs=-1,
-            xtc_probability=0.0,
-            xtc_threshold=0.1,
-            requested_model="default_model",
-            adapter=None,
-            seed=None,
-            logit_bias=None,
-            stream_options=None,
-        )
+    body = {"prompt": "x", "stop": 5}
+    path = "/v1/completions"
 
-    def _validate(self, *args, **kwargs):
-        from mlx_lm import server
+    def __getattr__(self, name: str) -> None:
+        return None
 
-        return server.APIHandler._validate(self, *args, **kwargs)
+    def _validate(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 FIX = RequestValidation()
