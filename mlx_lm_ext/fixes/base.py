@@ -63,14 +63,11 @@ class Patcher:
         A module imported while the fix is applied (mlx_lm.load imports a model's module
         on first use) copies `new` by name; undo hands those copies the original too.
         """
-        count = 0
-        for module in _modules(prefix):
-            for attr, value in list(vars(module).items()):
-                if value is original:
-                    self.set(module, attr, new, expected=original)
-                    count += 1
+        bound = _bindings(original, prefix)
+        for module, attr in bound:
+            self.set(module, attr, new, expected=original)
         self.defer(lambda: _replace_everywhere(new, original, prefix))
-        return count
+        return len(bound)
 
     def defer(self, fn: Any) -> None:
         """Call fn() on undo, after the replacements made after this call are undone."""
@@ -88,20 +85,21 @@ class Patcher:
         self._originals.clear()
 
 
-def _modules(prefix: str) -> list[Any]:
+def _bindings(obj: Any, prefix: str) -> list[tuple[Any, str]]:
+    """(module, name) of every module-level binding of `obj` in modules under `prefix`."""
     return [
-        module
+        (module, attr)
         for name, module in list(sys.modules.items())
         if module is not None and (name == prefix or name.startswith(prefix + "."))
+        for attr, value in list(vars(module).items())
+        if value is obj
     ]
 
 
 def _replace_everywhere(new: Any, original: Any, prefix: str) -> None:
     """Every module-level binding of `new` under `prefix` becomes `original` again."""
-    for module in _modules(prefix):
-        for attr, value in list(vars(module).items()):
-            if value is new:
-                setattr(module, attr, original)
+    for module, attr in _bindings(new, prefix):
+        setattr(module, attr, original)
 
 
 class Fix:

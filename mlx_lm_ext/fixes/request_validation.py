@@ -80,11 +80,8 @@ def validate_model_parameters(self) -> None:
     from mlx_lm import server
 
     FIX.original(server.APIHandler, "validate_model_parameters")(self)
-    try:
-        check_body(self.body, self.path)
-        check_logit_bias(self.logit_bias, _loaded_tokenizer(self))
-    except BadRequest as exc:
-        raise ValueError(str(exc)) from exc
+    check_body(self.body, self.path)  # BadRequest is a ValueError: upstream answers 400
+    check_logit_bias(self.logit_bias, _loaded_tokenizer(self))
     if isinstance(self.stream_options, dict):
         self.stream_options = {"include_usage": False, **self.stream_options}
 
