@@ -5,6 +5,8 @@ Options:
                                 real models run test_real_models.py, and the whole suite
                                 when named here)
   --tier offline|hub            offline stand-ins (default) or the real hub models
+  --soak short|full             test_reliability's counts: short (default, CI) or full (nox -s soak)
+  --soak-report PATH            write test_reliability's figures there as JSON
 Environment:
   MLX_LM_EXT_DELIVERY=monkeypatch (default) applies mlx_lm_ext's fixes;
   MLX_LM_EXT_DELIVERY=upstream runs unpatched mlx-lm, where known upstream failures are
@@ -39,6 +41,8 @@ def pytest_addoption(parser):
     parser.addoption("--models", default=None, help="models.yaml ids to run (substrings, comma-separated)")
     parser.addoption("--tier", default="offline", choices=["offline", "hub"], help="model tier")
     parser.addoption("--recall-json", default=None, help="write the recall results to this JSON file")
+    parser.addoption("--soak", default="short", choices=["short", "full"], help="test_reliability's counts")
+    parser.addoption("--soak-report", default=None, help="write test_reliability's figures to this JSON file")
 
 
 def pytest_configure(config):

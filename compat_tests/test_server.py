@@ -22,6 +22,7 @@ from conftest import DELIVERY, SERVER_MODULE, SERVES_KV_FLAGS
 
 from mlx_lm_ext import layout
 from mlx_lm_ext.cli import add_missing_flags, settings_from_args
+from mlx_lm_ext.limits import model_context
 from mlx_lm_ext.settings import head_dims
 
 pytestmark = pytest.mark.skipif(not SERVES_KV_FLAGS, reason="unpatched mlx-lm has no --max-kv-size")
@@ -41,6 +42,7 @@ def _no_prompt_cache() -> list[str]:
     return ["--prompt-cache-size", "0"] if "--prompt-cache-size" in inspect.getsource(server) else []
 
 
+ROTATED_PROMPT_LIMIT = 1024
 CONFIGS = {
     "kv8": ["--kv-bits", "8", "--quantized-kv-start", "0"],
     "kv4-bounded": [
@@ -50,6 +52,8 @@ CONFIGS = {
         "0",
         "--max-kv-size",
         "256",
+        "--max-prompt-tokens",  # opts into rotation: by default prompts stop at 256
+        str(ROTATED_PROMPT_LIMIT),
         *_no_prompt_cache(),
     ],
 }
@@ -106,7 +110,8 @@ class Server:
         raise RuntimeError(f"server did not start in {STARTUP_S}s: {self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return open(self.log_path).read()
 
     def stop(self):
@@ -252,6 +257,54 @@ def test_bad_request_gets_400_and_the_server_keeps_serving(server, path, body, m
     assert status == 200 and json.loads(raw)["choices"][0]["text"], raw
 
 
+def _raw_http(port: int, head: bytes, wait_s: float = 60) -> bytes:
+    """Send raw bytes and read the reply until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+        sock.sendall(head)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_requests_past_a_limit_get_400_naming_it(server, model_path):
+    """Defaults: prompts up to the model's context (--max-kv-size where smaller),
+    max_tokens up to the context, bodies up to 32 MiB (upstream: no limit at all)."""
+    context = model_context(str(model_path))
+    bound = ROTATED_PROMPT_LIMIT if server.config == "kv4-bounded" else context
+    status, raw = _request(server.port, "/v1/completions", {"prompt": " x" * (bound + 8), "max_tokens": 1})
+    assert status == 400 and "--max-prompt-tokens" in raw and f"at most {bound}" in raw, raw[:300]
+    status, raw = _request(server.port, "/v1/completions", {"prompt": "hi", "max_tokens": context + 1})
+    assert status == 400 and f"limit of {context} (--max-tokens-limit)" in raw, raw
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+    reply = _raw_http(server.port, head % (64 * 2**20))
+    assert reply.startswith(b"HTTP/1.0 413") and b"--max-body-bytes" in reply, reply[:300]
+    reply = _raw_http(server.port, b"POST /v1/completions HTTP/1.1\r\nContent-Length: -1\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.0 400"), reply[:300]
+    status, raw = _completion(server, PROMPT)
+    assert status == 200 and json.loads(raw)["choices"][0]["text"], raw
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_disconnected_clients_request_stops(server, model_path, stream):
+    """A client asks for the most tokens allowed and leaves after a second: its request
+    stops (upstream generates on: the next request waited 208 s on llama-3.2) and the
+    server logs one line, not a traceback."""
+    body = json.dumps({"prompt": PROMPT, "max_tokens": model_context(str(model_path)), "stream": stream})
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    tracebacks = server.output().count("Traceback")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head.encode())
+        time.sleep(1.5)
+    start = time.perf_counter()
+    status, raw = _request(server.port, "/v1/completions", {"prompt": "hi", "max_tokens": 2}, timeout=60)
+    assert status == 200, raw
+    assert time.perf_counter() - start < 30
+    time.sleep(0.5)
+    assert "disconnected" in server.output()
+    assert server.output().count("Traceback") == tracebacks
+
+
 def test_malformed_http_gets_an_answer(server):
     """A body that is not UTF-8: 400 (upstream closes the connection); a GET on a POST
     endpoint: 405 naming POST (upstream: 404)."""
@@ -359,6 +412,8 @@ BAD_FLAGS = {
     "group-48": (["--kv-bits", "8", "--kv-group-size", "48"], "--kv-group-size 48: must be one of"),
     "negative-start": (["--kv-bits", "8", "--quantized-kv-start", "-1"], "--quantized-kv-start -1"),
     "zero-max": (["--max-kv-size", "0"], "--max-kv-size 0: must be a positive"),
+    "negative-prompt-limit": (["--max-prompt-tokens", "-1"], "--max-prompt-tokens -1: must be 0"),
+    "body-size": (["--max-body-bytes", "12x"], "not a size: '12x'"),
 }
 
 
@@ -375,6 +430,34 @@ def test_bad_flag_exits_2_before_loading(flags, message, tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
+    before = proc.stderr[: proc.stderr.index(message)]
+    assert " - INFO - " not in before, "the error comes after log lines"
+
+
+MISSING_MODELS = {
+    "no-such-path": ("/does/not/exist", "no such folder, and not a Hugging Face repo id"),
+    "no-config": ("{tmp}", "has no config.json"),
+}
+
+
+@pytest.mark.parametrize("model,message", list(MISSING_MODELS.values()), ids=list(MISSING_MODELS))
+def test_missing_model_exits_2_before_serving(model, message, tmp_path):
+    """Upstream listens anyway, answering 503 and 404 to every request."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            SERVER_MODULE,
+            "--model",
+            model.format(tmp=tmp_path),
+            "--port",
+            str(_free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
 def test_group_size_not_dividing_head_dim_names_the_model(entry, model_path):

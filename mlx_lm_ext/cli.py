@@ -14,6 +14,7 @@ import logging
 import sys
 from typing import Any
 
+from .limits import check_limit_flags, check_model_path, limit_flags
 from .settings import KVSettings, SettingsError, configure, default_quantized_kv_start, validate
 
 LOGGER = "mlx_lm_ext"
@@ -89,10 +90,12 @@ def kv_flags() -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def add_missing_flags(parser: argparse.ArgumentParser) -> list[str]:
-    """Add the kv flags the parser lacks; returns those added."""
+def add_missing_flags(
+    parser: argparse.ArgumentParser, flags: list[tuple[str, dict[str, Any]]] | None = None
+) -> list[str]:
+    """Add the flags (default: the kv flags) the parser lacks; returns those added."""
     added = []
-    for flag, kwargs in kv_flags():
+    for flag, kwargs in kv_flags() if flags is None else flags:
         if flag not in parser._option_string_actions:
             parser.add_argument(flag, **kwargs)
             added.append(flag)
@@ -109,14 +112,23 @@ def settings_from_args(ns: argparse.Namespace) -> KVSettings:
     )
 
 
-def apply_parsed(ns: argparse.Namespace, prog: str) -> argparse.Namespace:
-    """Validate the kv flags (exit 2 with one line on error) and make them the process's."""
+def check_server_args(ns: argparse.Namespace, prog: str) -> KVSettings:
+    """The server's flags, checked before anything loads: the model path, the limits and
+    the kv flags. A bad one exits 2 with one line naming it."""
     settings = settings_from_args(ns)
     try:
+        check_model_path(getattr(ns, "model", None))
+        check_limit_flags(ns)
         validate(settings, model=getattr(ns, "model", None))
     except SettingsError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    return settings
+
+
+def apply_parsed(ns: argparse.Namespace, prog: str) -> argparse.Namespace:
+    """Validate the flags (exit 2 with one line on error) and make them the process's."""
+    settings = check_server_args(ns, prog)
     configure(settings)
     if settings.kv_bits is not None or settings.max_kv_size is not None:
         log.info(
@@ -131,10 +143,16 @@ def apply_parsed(ns: argparse.Namespace, prog: str) -> argparse.Namespace:
 
 
 class ServerArgumentParser(argparse.ArgumentParser):
-    """Upstream's server parser plus the kv flags it lacks, validated after parsing."""
+    """Upstream's server parser plus the kv and limit flags it lacks, validated after parsing."""
 
     prog_name = "mlx_lm_ext.server"
 
+    @staticmethod
+    def added_flags() -> set[str]:
+        """The flags this parser adds where upstream's lacks them."""
+        return {flag for flag, _ in [*kv_flags(), *limit_flags()]}
+
     def parse_args(self, args=None, namespace=None):  # noqa: D102 - argparse API
         add_missing_flags(self)
+        add_missing_flags(self, limit_flags())
         return apply_parsed(super().parse_args(args, namespace), prog=self.prog_name)

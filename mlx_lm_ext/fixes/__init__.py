@@ -13,14 +13,17 @@ from . import (
     batch_quantized_rotating_cache,
     batchable_fallback,
     batched_quantized_kv,
+    client_disconnect,
     hybrid_quantize,
     max_kv_size,
     quantized_attention,
     quantized_decode_tail,
     quantized_rotating_kv_cache,
     request_errors,
+    request_limits,
     request_validation,
     server_kv_flags,
+    server_lifecycle,
 )
 from .base import Fix, PatchConflict, Patcher
 
@@ -39,6 +42,9 @@ FIXES: list[Fix] = [
     batched_quantized_kv.FIX,
     request_errors.FIX,
     request_validation.FIX,
+    request_limits.FIX,
+    client_disconnect.FIX,
+    server_lifecycle.FIX,
 ]
 BY_NAME = {f.name: f for f in FIXES}
 _order: list[str] = []  # names in the order applied, for a newest-first revert

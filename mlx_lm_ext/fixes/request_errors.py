@@ -57,8 +57,12 @@ class RequestErrors(Fix):
         from mlx_lm import server
 
         method = server.APIHandler.handle_completion
-        names = method.__code__.co_names  # ours or the series' error path (0006-request-errors)
-        return method is not handle_completion and not {"send_error", "_send_generation_error"} & set(names)
+        while method is not None:  # through the wrappers of later fixes (their __wrapped__)
+            names = method.__code__.co_names  # ours or the series' error path (0006-request-errors)
+            if method is handle_completion or {"send_error", "_send_generation_error"} & set(names):
+                return False
+            method = getattr(method, "__wrapped__", None)
+        return True
 
     def install(self, patcher: Patcher) -> None:
         from mlx_lm import server

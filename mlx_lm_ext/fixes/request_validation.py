@@ -32,6 +32,26 @@ class BadRequest(ValueError):
     """The request's own content is invalid: answered with 400, never a server error."""
 
 
+class Answered(BaseException):  # noqa: N818 - a signal, not an error
+    """The handler has sent its reply: unwinds past upstream's `except Exception` (which
+    would write a second one) to the wrapper that catches it."""
+
+
+def send_error(handler, status: int, message: str, allow: str | None = None) -> None:
+    """An OpenAI-style error reply: {"error": {"message", "type", "code"}}."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    data = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+    handler._headers_buffer = []  # nothing of another reply goes out before this one
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    if allow:
+        handler.send_header("Allow", allow)
+    handler.end_headers()
+    handler.wfile.write(data)
+    handler.wfile.flush()
+
+
 def check_body(body: dict, path: str) -> None:
     """The fields upstream passes on unchecked; raises BadRequest naming the field."""
     stop = body.get("stop")
@@ -79,9 +99,13 @@ def validate_model_parameters(self) -> None:
     tokenizer: before the request is queued, so a ValueError is upstream's own 400."""
     from mlx_lm import server
 
-    FIX.original(server.APIHandler, "validate_model_parameters")(self)
-    check_body(self.body, self.path)  # BadRequest is a ValueError: upstream answers 400
-    check_logit_bias(self.logit_bias, _loaded_tokenizer(self))
+    try:
+        FIX.original(server.APIHandler, "validate_model_parameters")(self)
+        check_body(self.body, self.path)
+        check_logit_bias(self.logit_bias, _loaded_tokenizer(self))
+    except ValueError as exc:  # upstream would answer {"error": "<text>"}
+        send_error(self, 400, str(exc))
+        raise Answered from exc
     if isinstance(self.stream_options, dict):
         self.stream_options = {"include_usage": False, **self.stream_options}
 
@@ -109,14 +133,16 @@ def do_POST(self):  # noqa: N802 - BaseHTTPRequestHandler's name
     try:
         return FIX.original(server.APIHandler, "do_POST")(self)
     except UnicodeDecodeError as exc:  # the body, decoded before any response was sent
-        _send_json(self, 400, {"error": f"the body is not UTF-8: {exc}"})
+        send_error(self, 400, f"the body is not UTF-8: {exc}")
+    except Answered:
+        return
 
 
 def do_GET(self):  # noqa: N802 - BaseHTTPRequestHandler's name
     from mlx_lm import server
 
     if self.path in POST_PATHS:
-        return _send_json(self, 405, {"error": f"{self.path} takes POST"}, allow="POST")
+        return send_error(self, 405, f"{self.path} takes POST", allow="POST")
     return FIX.original(server.APIHandler, "do_GET")(self)
 
 
@@ -131,18 +157,6 @@ def scan_cache_dir(*args, **kwargs):
         return SimpleNamespace(repos=frozenset())
 
 
-def _send_json(handler, status: int, body: dict, allow: str | None = None) -> None:
-    data = json.dumps(body).encode()
-    handler.send_response(status)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", str(len(data)))
-    if allow:
-        handler.send_header("Allow", allow)
-    handler.end_headers()
-    handler.wfile.write(data)
-    handler.wfile.flush()
-
-
 class RequestValidation(Fix):
     name = "request-validation"
     summary = "bad request input gets a 400 naming the field; none stops the generation thread"
@@ -152,8 +166,8 @@ class RequestValidation(Fix):
 
         try:
             server.APIHandler.validate_model_parameters(_Probe())
-        except ValueError:
-            return False  # this release (or the series) already refuses a non-string stop
+        except (ValueError, Answered):
+            return False  # this release (or the series, or this fix) refuses a non-string stop
         except Exception:
             return True
         return True
@@ -183,6 +197,12 @@ class _Probe:
 
     def _validate(self, *args: Any, **kwargs: Any) -> None:
         return None
+
+    def send_response(self, *args: Any) -> None:  # where this fix answers the probe itself
+        return None
+
+    send_header = end_headers = send_response
+    wfile = SimpleNamespace(write=len, flush=lambda: None)
 
 
 FIX = RequestValidation()

@@ -1,0 +1,273 @@
+"""The server under load, faults and bad input: nothing lost, nothing hung, nothing crashed.
+
+Bounded loops on 127.0.0.1 against real server processes, after llama.cpp's server tests
+(tools/server/tests: parallel slots, invalid chat requests, over-context prompts): mixed
+requests 8 at a time with bad ones and cut streams among them, memory over many
+requests, and shutdown under load. Each server is one row of SERVERS: 8- and 4-bit,
+bounded (--max-kv-size) and hybrid. `--soak short` (the default, in CI) runs reduced
+counts; `nox -s soak` runs `--soak full` and writes the figures (`--soak-report`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import SERVER_MODULE
+from test_server import BAD_REQUESTS, PROMPT, Server, _request
+
+from mlx_lm_ext.zoo import get_entry, resolve
+
+SERVERS = {
+    "llama-3.2-kv8": ("llama-3.2", ["--kv-bits", "8", "--quantized-kv-start", "0"]),
+    "gemma-3-kv4-bounded": (
+        "gemma-3",
+        ["--kv-bits", "4", "--quantized-kv-start", "0", "--max-kv-size", "256"],
+    ),
+    "qwen3-next-kv8": ("qwen3-next", ["--kv-bits", "8", "--quantized-kv-start", "0"]),
+}
+# (requests, disconnects, requests measured for memory, longest reply) per profile
+PROFILES = {"short": (48, 4, 96, 48), "full": (200, 20, 500, 300)}
+CONCURRENT = 8
+RSS_TOLERANCE = 0.05
+SHUTDOWN_S = 5.0
+FIGURES: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def profile(request):
+    return PROFILES[request.config.getoption("--soak")]
+
+
+@pytest.fixture(scope="module", params=list(SERVERS))
+def soak_server(request, tmp_path_factory):
+    entry_id, flags = SERVERS[request.param]
+    log = tmp_path_factory.mktemp("soak") / f"{request.param}.log"
+    server = Server(resolve(get_entry(entry_id)), flags, log)
+    server.name = request.param
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def soak_report(request):
+    yield
+    path = request.config.getoption("--soak-report")
+    if path and FIGURES:
+        with open(path, "w") as f:
+            json.dump({"profile": request.config.getoption("--soak"), "servers": FIGURES}, f, indent=1)
+
+
+def _figures(server) -> dict:
+    return FIGURES.setdefault(server.name, {})
+
+
+def _mixed_body(rng: random.Random, longest: int) -> tuple[str, dict]:
+    """One request of the mix: chat or text, streamed or not, 1..longest tokens, greedy
+    or sampled, a prompt of 40 to 200 tokens (under every server's prompt limit)."""
+    text = PROMPT[: rng.randint(120, 600)]
+    body = {
+        "max_tokens": rng.randint(1, longest),
+        "temperature": rng.choice([0.0, 0.8]),
+        "stream": rng.random() < 0.5,
+    }
+    if rng.random() < 0.5:
+        return "/v1/completions", {**body, "prompt": text}
+    return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": text}]}
+
+
+def _send(port: int, path: str, body: dict, timeout: float = 120) -> tuple[int, str]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def well_formed(path: str, body: dict, status: int, raw: str) -> bool:
+    """A complete reply: 200, every event JSON, a finish reason, no more tokens than asked."""
+    if status != 200:
+        return False
+    if not body["stream"]:
+        reply = json.loads(raw)
+        choice = reply["choices"][0]
+        text = choice["text"] if path == "/v1/completions" else choice["message"]["content"]
+        used = reply["usage"]["completion_tokens"]
+        return (
+            isinstance(text, str)
+            and choice["finish_reason"] in ("stop", "length")
+            and used <= body["max_tokens"]
+        )
+    events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
+    if not events or events[-1] != "[DONE]":
+        return False
+    chunks = [json.loads(e) for e in events[:-1]]
+    return all("error" not in c for c in chunks) and chunks[-1]["choices"][0]["finish_reason"] in (
+        "stop",
+        "length",
+    )
+
+
+def _cut_stream(port: int) -> None:
+    """Open a long stream, read its first event, and leave."""
+    body = json.dumps({"prompt": PROMPT[:300], "max_tokens": 100000, "stream": True})
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        sock.sendall(head.encode())
+        while b"data: {" not in sock.recv(4096):
+            pass
+
+
+def _rss_kib(pid: int) -> int:
+    return int(subprocess.check_output(["ps", "-o", "rss=", "-p", str(pid)]).split()[0])
+
+
+def test_mixed_load_loses_nothing(soak_server, profile):
+    """N mixed requests, 8 at a time, with every bad request of test_server's table and
+    cut streams among them: every good one gets a complete reply, every bad one its 400,
+    and the server still serves after."""
+    n, cuts, _, longest = profile
+    rng = random.Random(0)
+    jobs = [("good", *_mixed_body(rng, longest)) for _ in range(n)]
+    jobs += [("bad", path, body, message) for path, body, message in BAD_REQUESTS.values()]
+    jobs += [("cut", None, None)] * cuts
+    rng.shuffle(jobs)
+
+    def run(job):
+        kind, path, body, *message = job
+        if kind == "cut":
+            _cut_stream(soak_server.port)
+            return kind, True, 0.0
+        start = time.perf_counter()
+        status, raw = _send(soak_server.port, path, body)
+        ok = well_formed(path, body, status, raw) if kind == "good" else status == 400 and message[0] in raw
+        return kind, ok, time.perf_counter() - start
+
+    with ThreadPoolExecutor(CONCURRENT) as pool:
+        results = list(pool.map(run, jobs))
+    lost = [job for job, (_, ok, _) in zip(jobs, results, strict=True) if not ok]
+    slowest = max(t for kind, _, t in results if kind == "good")
+    _figures(soak_server).update(
+        requests=n, lost=sum(j[0] == "good" for j in lost), bad_inputs=len(BAD_REQUESTS),
+        bad_inputs_answered_400=len(BAD_REQUESTS) - sum(j[0] == "bad" for j in lost),
+        cut_streams=cuts, slowest_s=round(slowest, 2),
+    )  # fmt: skip
+    assert not lost, lost[:3]
+    assert _request(soak_server.port, "/health")[0] == 200
+    assert "Traceback" not in soak_server.output()
+
+
+def test_memory_stays_flat(soak_server, profile):
+    """Resident memory after a warm-up, then after many more requests: within 5%."""
+    _, _, n, longest = profile
+    rng = random.Random(1)
+    bodies = [_mixed_body(rng, min(longest, 32)) for _ in range(n + n // 5)]
+    with ThreadPoolExecutor(CONCURRENT) as pool:
+        list(pool.map(lambda b: _send(soak_server.port, *b), bodies[: n // 5]))
+        before = _rss_kib(soak_server.proc.pid)
+        statuses = list(pool.map(lambda b: _send(soak_server.port, *b)[0], bodies[n // 5 :]))
+    after = _rss_kib(soak_server.proc.pid)
+    change = after / before - 1
+    _figures(soak_server).update(rss_requests=n, rss_before_mib=before // 1024, rss_after_mib=after // 1024)
+    _figures(soak_server)["rss_change_pct"] = round(100 * change, 1)
+    assert statuses == [200] * n
+    assert abs(change) <= RSS_TOLERANCE, f"RSS {before} -> {after} KiB ({100 * change:+.1f}%)"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_shutdown_under_load_is_clean(soak_server, signum, tmp_path):
+    """A second server of the same row, 8 streams and 8 whole replies in flight, then a
+    signal: exit 0 within 5 s (upstream: SIGTERM kills at once; SIGINT waits for the
+    request in flight or ends in exit 134), and no client left waiting."""
+    entry_id, flags = SERVERS[soak_server.name]
+    server = Server(resolve(get_entry(entry_id)), flags, tmp_path / "server.log")
+    bodies = [{"prompt": PROMPT[:300], "max_tokens": 100000, "stream": i % 2 == 0} for i in range(CONCURRENT)]
+    with ThreadPoolExecutor(CONCURRENT) as pool:
+        replies = [pool.submit(_send, server.port, "/v1/completions", b, 60) for b in bodies]
+        time.sleep(3)
+        start = time.perf_counter()
+        server.proc.send_signal(signum)
+        try:
+            code = server.proc.wait(timeout=SHUTDOWN_S + 10)
+        finally:
+            server.stop()
+        took = time.perf_counter() - start
+        answered = sum(_finished(r) for r in replies)
+    _figures(soak_server)[f"{signal.Signals(signum).name}_exit"] = code
+    _figures(soak_server)[f"{signal.Signals(signum).name}_s"] = round(took, 2)
+    assert code == 0 and took <= SHUTDOWN_S, (code, took, server.output()[-2000:])
+    assert answered == CONCURRENT
+
+
+def _finished(future) -> bool:
+    """The client got an answer or a closed connection, in time: not left hanging."""
+    try:
+        future.result(timeout=10)
+    except (OSError, ValueError):
+        pass  # connection closed under it: cut, not hung
+    return True
+
+
+def test_prefill_stops_when_its_client_leaves(tmp_path):
+    """Sequential path (--max-kv-size): a long prompt's prefill stops at the next chunk
+    after its client leaves, so the next request is served in a fraction of the time the
+    whole prefill takes (upstream prefills to the end: 74 min for a 2 MB prompt)."""
+    flags = [
+        "--kv-bits",
+        "8",
+        "--max-kv-size",
+        "256",
+        "--max-prompt-tokens",
+        "0",
+        "--prefill-step-size",
+        "64",
+    ]
+    server = Server(
+        resolve(get_entry("llama-3.2")), [*flags, "--prompt-cache-size", "0"], tmp_path / "server.log"
+    )
+    try:
+        body = json.dumps({"prompt": " x" * 6000, "max_tokens": 1})  # no prompt cache: the same
+        start = time.perf_counter()
+        _send(server.port, "/v1/completions", json.loads(body))
+        whole = time.perf_counter() - start
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(head.encode())
+            time.sleep(whole / 4)
+        start = time.perf_counter()
+        status, _ = _send(server.port, "/v1/completions", {"prompt": "hi", "max_tokens": 1})
+        after_cut = time.perf_counter() - start
+    finally:
+        server.stop()
+    assert status == 200
+    assert after_cut < whole / 2, f"next request after {after_cut:.1f}s; a whole prefill takes {whole:.1f}s"
+
+
+def test_port_in_use_is_one_clear_error(tmp_path):
+    """A second server on a taken port stops with an error, not a hang."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        model = str(resolve(get_entry("llama-3.2")))
+        proc = subprocess.run(
+            [sys.executable, "-m", SERVER_MODULE, "--model", model, "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 1 and "Address already in use" in proc.stderr, proc.stderr[-1500:]
