@@ -7,6 +7,7 @@ MLX_LM_EXT_DELIVERY=upstream nox -s compat   the same tests on unpatched mlx-lm
 nox -s patches                   apply patches/ to the newest release's sdist and prove it
 nox -s patches -- --release 0.31.3   which patches apply to another release (then prove it)
 nox -s baseline                  what unpatched mlx-lm does on every family, per release
+nox -s soak                      the server under load and faults, full counts (CI: short)
 """
 
 from __future__ import annotations
@@ -89,3 +90,18 @@ def patches(session: nox.Session) -> None:
     writes benchmarks/results/patches/<release>.{json,md}."""
     _install_release(session, releases.NEWEST)
     session.run("python", "-m", "mlx_lm_ext.upstream", "apply", *session.posargs)
+
+
+@nox.session(default=False)
+def soak(session: nox.Session) -> None:
+    """The server under load, faults and bad input at full counts (test_reliability.py,
+    --soak full: 200 mixed requests, 20 cut streams, 500 for memory, per server row);
+    figures to benchmarks/results/soak/<platform>.json. CI runs the short version."""
+    session.install("-e", ".[test]")
+    out = Path("benchmarks/results/soak")
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / f"{platform.system().lower()}-{platform.machine()}.json"
+    session.run(
+        "pytest", "compat_tests/test_reliability.py", "--soak", "full", "--soak-report", str(report),
+        "-p", "no:cacheprovider", *session.posargs,
+    )  # fmt: skip

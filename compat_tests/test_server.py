@@ -269,7 +269,7 @@ def _raw_http(port: int, head: bytes, wait_s: float = 60) -> bytes:
 
 def test_requests_past_a_limit_get_400_naming_it(server, model_path):
     """Defaults: prompts up to the model's context (--max-kv-size where smaller),
-    max_tokens up to the context, bodies up to 32 MiB (upstream: no limit at all)."""
+    max_tokens up to the context, bodies up to 32 MB (upstream: no limit at all)."""
     context = model_context(str(model_path))
     bound = ROTATED_PROMPT_LIMIT if server.config == "kv4-bounded" else context
     status, raw = _request(server.port, "/v1/completions", {"prompt": " x" * (bound + 8), "max_tokens": 1})
@@ -286,11 +286,18 @@ def test_requests_past_a_limit_get_400_naming_it(server, model_path):
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_a_disconnected_clients_request_stops(server, model_path, stream):
-    """A client asks for the most tokens allowed and leaves after a second: its request
-    stops (upstream generates on: the next request waited 208 s on llama-3.2) and the
-    server logs one line, not a traceback."""
-    body = json.dumps({"prompt": PROMPT, "max_tokens": model_context(str(model_path)), "stream": stream})
+def test_a_disconnected_clients_request_stops(server, model_path, loaded, stream):
+    """A client asks for the most tokens allowed, its end-of-sequence tokens barred, and
+    leaves after a second: its request stops (upstream generates on: the next request
+    waited 208 s on llama-3.2) and the server logs one line, not a traceback."""
+    never_end = {str(i): -100.0 for i in loaded[1].eos_token_ids}
+    body = {
+        "prompt": PROMPT,
+        "max_tokens": model_context(str(model_path)),
+        "stream": stream,
+        "logit_bias": never_end,
+    }
+    body = json.dumps(body)
     head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}"
     tracebacks = server.output().count("Traceback")
     with socket.create_connection(("127.0.0.1", server.port)) as sock:

@@ -147,12 +147,11 @@ class ServerArgumentParser(argparse.ArgumentParser):
 
     prog_name = "mlx_lm_ext.server"
 
-    @staticmethod
-    def added_flags() -> set[str]:
-        """The flags this parser adds where upstream's lacks them."""
-        return {flag for flag, _ in [*kv_flags(), *limit_flags()]}
-
     def parse_args(self, args=None, namespace=None):  # noqa: D102 - argparse API
         add_missing_flags(self)
         add_missing_flags(self, limit_flags())
-        return apply_parsed(super().parse_args(args, namespace), prog=self.prog_name)
+        parsed = apply_parsed(super().parse_args(args, namespace), prog=self.prog_name)
+        from .fixes import applied_fixes  # here: the fixes import this module
+
+        log.info("applied %d fixes: %s", len(applied_fixes()), ", ".join(applied_fixes()))
+        return parsed

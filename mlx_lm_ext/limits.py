@@ -19,19 +19,20 @@ from typing import Any
 
 from .settings import SettingsError, read_config
 
-DEFAULT_MAX_BODY_BYTES = 32 * 2**20
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+DEFAULT_MAX_BODY_BYTES = 32 * 10**6
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mg]b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "m": 10**6, "g": 10**9}
 # A Hugging Face repo id (`org/name` or a legacy bare name); anything else is a path.
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 def parse_size(text: str) -> int:
-    """Bytes from `33554432`, `32M`, `32MiB` or `1g` (binary units, as upstream's sizes)."""
+    """Bytes from `32000000`, `32M`, `32MB` or `1.5G`: decimal units, as upstream's
+    --prompt-cache-bytes reads them."""
     match = _SIZE.match(str(text))
     if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 32M, 1G, 1048576)")
-    return int(match.group(1)) * _UNITS[(match.group(2) or "")[:1].lower()]
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 32M, 1G, 1000000)")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "")[:1].lower()])
 
 
 def limit_flags() -> list[tuple[str, dict[str, Any]]]:
@@ -61,7 +62,7 @@ def limit_flags() -> list[tuple[str, dict[str, Any]]]:
             {
                 "type": parse_size,
                 "default": DEFAULT_MAX_BODY_BYTES,
-                "help": "Refuse (413) request bodies larger than this, e.g. 32M (default: 32M).",
+                "help": "Refuse (413) request bodies larger than this, e.g. 64M (default: 32M).",
             },
         ),
     ]

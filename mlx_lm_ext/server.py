@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not {"-h", "--help"} & set(argv):
         precheck(argv)
+    apply()  # before logging is set up: the parser logs one line for all, once parsed
     configure_logging(argv)
-    apply()
     from mlx_lm import server
 
     sys.argv = [PROG, *argv]

@@ -4,7 +4,7 @@ Upstream (0.32.2) accepts any body size, any `max_tokens` and any prompt length:
 prompt (~1.1M tokens) was prefilled for about 74 minutes on CPU with --max-kv-size 256,
 other requests timing out meanwhile. Here the server takes --max-prompt-tokens,
 --max-tokens-limit and --max-body-bytes (defaults in mlx_lm_ext/limits.py: the model's
-context, or --max-kv-size where smaller; 32 MiB), and a request past one gets 400 naming
+context, or --max-kv-size where smaller; 32 MB), and a request past one gets 400 naming
 the limit, 413 for the body, before it is read or queued; the prompt's length, known once
 the generation thread has tokenized it, is checked there, before its prefill. An error of
 the request found in the generation thread (a ValueError) is answered 400, not 404.
@@ -15,13 +15,14 @@ Patch file: patches/0011-request-limits.patch.
 from __future__ import annotations
 
 import argparse
+import inspect
 from typing import Any
 
 from .. import limits
 from ..cli import ServerArgumentParser
 from .base import Fix, Patcher
-from .request_validation import Answered, BadRequest, send_error
-from .server_kv_flags import _argparse_with, upstream_server_flags
+from .request_validation import POST_PATHS, Answered, BadRequest, send_error
+from .server_kv_flags import _argparse_with
 
 
 def _served_model(provider: Any) -> str | None:
@@ -33,7 +34,7 @@ def do_POST(self):  # noqa: N802 - BaseHTTPRequestHandler's name
     """The body's size, from its Content-Length, before a byte of it is read."""
     from mlx_lm import server
 
-    size = self.headers.get("Content-Length")
+    size = self.headers.get("Content-Length") if self.path in POST_PATHS else None
     limit = getattr(self.response_generator.cli_args, "max_body_bytes", None)
     if size is not None and size.strip().lstrip("-").isdigit():
         if int(size) < 0:
@@ -116,11 +117,11 @@ class RequestLimits(Fix):
     summary = "--max-prompt-tokens, --max-tokens-limit, --max-body-bytes: 400/413 past a limit"
 
     def needed(self) -> bool:
+        """Whether the handler reads a body limit (the series', or this fix's, do_POST);
+        the flags alone say nothing: our parser adds them to every release."""
         from mlx_lm import server
 
-        if getattr(server.argparse, "ArgumentParser", None) is ServerArgumentParser:
-            return "--max-prompt-tokens" not in ServerArgumentParser.added_flags()
-        return "--max-prompt-tokens" not in upstream_server_flags()
+        return "max_body_bytes" not in inspect.getsource(server.APIHandler.do_POST)
 
     def install(self, patcher: Patcher) -> None:
         from mlx_lm import server

@@ -42,8 +42,7 @@ def send_error(handler, status: int, message: str, allow: str | None = None) -> 
     kind = "invalid_request_error" if status < 500 else "server_error"
     data = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
     handler._headers_buffer = []  # nothing of another reply goes out before this one
-    handler.send_response(status)
-    handler.send_header("Content-Type", "application/json")
+    handler._set_completion_headers(status)  # upstream's: the content type and CORS
     handler.send_header("Content-Length", str(len(data)))
     if allow:
         handler.send_header("Allow", allow)
@@ -201,7 +200,7 @@ class _Probe:
     def send_response(self, *args: Any) -> None:  # where this fix answers the probe itself
         return None
 
-    send_header = end_headers = send_response
+    send_header = end_headers = _set_completion_headers = send_response
     wfile = SimpleNamespace(write=len, flush=lambda: None)
 
 

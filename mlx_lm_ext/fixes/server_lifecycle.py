@@ -56,8 +56,9 @@ def _tracked(ctx: Any, responses: Iterator[Any]) -> Iterator[Any]:
         _in_flight().pop(id(ctx), None)
 
 
-def _stop_requests() -> int:
-    """Stop every request in flight (the series' server._stop_requests); returns how many."""
+def stop_requests(self) -> int:
+    """Stop every request in flight (ResponseGenerator.stop_requests, as in the series);
+    returns how many."""
     stopping = list(_in_flight().values())
     for ctx in stopping:
         ctx.stop()
@@ -65,12 +66,16 @@ def _stop_requests() -> int:
 
 
 def stop_and_join(self):
-    """Stop every request, then the generation thread: bounded, never a request's length."""
-    _stop_requests()
+    """Stop every request, then the generation thread, then give the handlers GRACE_S
+    to send their last bytes: bounded, never a request's length."""
+    self.stop_requests()
     self._stop = True
     self._generation_thread.join(timeout=JOIN_S)
     if self._generation_thread.is_alive():
         log.warning("the generation thread did not stop within %.0f s; exiting anyway", JOIN_S)
+    deadline = time.monotonic() + GRACE_S
+    while _in_flight() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def load_default(self):
@@ -92,7 +97,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def main(*args: Any, **kwargs: Any) -> None:
     """Upstream's main with SIGTERM stopping it as SIGINT does; once it returns, the
-    process exits at once: the in-flight handlers get GRACE_S, MLX is not torn down."""
+    process exits at once, without tearing MLX down under a running thread."""
     from mlx_lm import server
 
     previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
@@ -106,9 +111,6 @@ def main(*args: Any, **kwargs: Any) -> None:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    deadline = time.monotonic() + GRACE_S
-    while _in_flight() and time.monotonic() < deadline:
-        time.sleep(0.05)
     code = FIX.state.get("exit_code", 0)
     log.info("server stopped (exit %d)", code)
     logging.shutdown()
@@ -128,13 +130,13 @@ class ServerLifecycle(Fix):
     def needed(self) -> bool:
         from mlx_lm import server
 
-        return hasattr(server, "ResponseGenerator") and not hasattr(server, "_stop_requests")
+        return hasattr(server, "ResponseGenerator") and not hasattr(server.ResponseGenerator, "stop_requests")
 
     def install(self, patcher: Patcher) -> None:
         from mlx_lm import server
 
         patcher.set(server, "main", main)
-        patcher.set(server, "_stop_requests", _stop_requests)
+        patcher.set(server.ResponseGenerator, "stop_requests", stop_requests)
         patcher.set(server.ResponseGenerator, "generate", generate)
         patcher.set(server.ResponseGenerator, "stop_and_join", stop_and_join)
         patcher.set(server.ModelProvider, "load_default", load_default)
