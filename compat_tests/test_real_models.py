@@ -69,11 +69,24 @@ def test_quantized_kv_stays_close_to_16_bit_on_prose(real_entry, real_model, kv_
     assert got.top1 >= bounds["min_top1"][kv_bits]
 
 
+def _continue(server, text: str) -> dict:
+    """Continue a completion (the prompt plus the text it gave): the prompt cache holds
+    that whole prompt, which upstream hands the generator as an empty one, killing the
+    generation thread (503 from then on). Served, it reuses all but the last token."""
+    status, raw = _request(
+        server.port, "/v1/completions", {"prompt": text, "max_tokens": 4, "temperature": 0.0}
+    )
+    assert status == 200, raw
+    assert _request(server.port, "/health")[0] == 200
+    return json.loads(raw)
+
+
 @pytest.mark.skipif(not SERVES_KV_FLAGS, reason="unpatched mlx-lm's server has no kv flags before 0.32")
 @pytest.mark.parametrize("kv_bits", [8, 4])
 def test_served_answer_equals_in_process_generation(real_entry, real_path, real_model, kv_bits, tmp_path):
     """The delivery's server with `--kv-bits N --quantized-kv-start 0` gives the greedy
-    text mlx-lm's own stream_generate gives with the same settings."""
+    text mlx-lm's own stream_generate gives with the same settings, and serves the
+    completion's continuation from the prompt cache."""
     from mlx_lm import stream_generate
 
     model, tokenizer = real_model
@@ -87,8 +100,13 @@ def test_served_answer_equals_in_process_generation(real_entry, real_path, real_
         served = json.loads(raw)["choices"][0]["text"]
         if DELIVERY != "patches":
             assert f"kv_bits={kv_bits} quantizes layers" in server.output()
+        continued = _continue(server, prompt + served)
     finally:
         server.stop()
+    assert (
+        continued["usage"]["prompt_tokens_details"]["cached_tokens"]
+        == continued["usage"]["prompt_tokens"] - 1
+    )
     expected = "".join(
         r.text
         for r in stream_generate(

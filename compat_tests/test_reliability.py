@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import SERVER_MODULE, load_once
-from test_server import BAD_REQUESTS, PROMPT, Server, _request
+from test_server import BAD_REQUESTS, PROMPT, Server, _free_port, _request
 
 from mlx_lm_ext.zoo import get_entry, resolve
 
@@ -280,3 +280,21 @@ def test_port_in_use_is_one_clear_error(tmp_path):
             timeout=120,
         )
     assert proc.returncode == 1 and "Address already in use" in proc.stderr, proc.stderr[-1500:]
+
+
+def test_a_model_that_cannot_load_stops_the_server(tmp_path):
+    """A folder with a model's config and tokenizer but no weights: the server stops with
+    exit 1 (upstream keeps listening, answering 503 and 404 to every request)."""
+    model = resolve(get_entry("llama-3.2"))
+    broken = tmp_path / "no-weights"
+    broken.mkdir()
+    for file in model.iterdir():
+        if not file.name.endswith(".safetensors") and file.is_file():
+            (broken / file.name).write_bytes(file.read_bytes())
+    proc = subprocess.run(
+        [sys.executable, "-m", SERVER_MODULE, "--model", str(broken), "--port", str(_free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "could not be loaded" in proc.stderr, proc.stderr[-1500:]

@@ -16,6 +16,7 @@ from . import (
     client_disconnect,
     hybrid_quantize,
     max_kv_size,
+    prompt_cache_full_hit,
     quantized_attention,
     quantized_decode_tail,
     quantized_rotating_kv_cache,
@@ -45,6 +46,7 @@ FIXES: list[Fix] = [
     request_limits.FIX,
     client_disconnect.FIX,
     server_lifecycle.FIX,
+    prompt_cache_full_hit.FIX,
 ]
 BY_NAME = {f.name: f for f in FIXES}
 _order: list[str] = []  # names in the order applied, for a newest-first revert

@@ -119,12 +119,14 @@ class _StoppingQueue:
         self._queue.put(item, *args, **kwargs)
 
 
-def _serve_single(self, request, stream):
+def _serve_single(self, request, *args, **kwargs):
+    """Upstream's, its reply queue stopping a stopped request's prefill (0.32 passes a
+    stream too, 0.31 does not)."""
     from mlx_lm import server
 
     rqueue, *rest = request
     serve = FIX.original(server.ResponseGenerator, "_serve_single")
-    return serve(self, (_StoppingQueue(rqueue), *rest), stream)
+    return serve(self, (_StoppingQueue(rqueue), *rest), *args, **kwargs)
 
 
 class ClientDisconnect(Fix):
