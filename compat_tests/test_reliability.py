@@ -107,13 +107,12 @@ def well_formed(path: str, body: dict, status: int, raw: str) -> bool:
     if not body["stream"]:
         reply = json.loads(raw)
         choice = reply["choices"][0]
-        text = choice["text"] if path == "/v1/completions" else choice["message"]["content"]
+        if path == "/v1/completions":
+            text_ok = isinstance(choice["text"], str)
+        else:  # OpenAI's schema: null for an empty reply (measured: a stand-in's 2-token reply)
+            text_ok = isinstance(choice["message"]["content"], (str, type(None)))
         used = reply["usage"]["completion_tokens"]
-        return (
-            isinstance(text, str)
-            and choice["finish_reason"] in ("stop", "length")
-            and used <= body["max_tokens"]
-        )
+        return text_ok and choice["finish_reason"] in ("stop", "length") and used <= body["max_tokens"]
     events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
     if not events or events[-1] != "[DONE]":
         return False
@@ -179,7 +178,10 @@ def test_mixed_load_loses_nothing(soak_server, profile):
 
 
 def test_memory_stays_flat(soak_server, profile):
-    """Resident memory after a warm-up, then after many more requests: within 5%."""
+    """Resident memory after a warm-up, then after many more requests: grown by at most
+    5% (a leak grows it). It may shrink more: the prompt cache (10 entries, LRU) then
+    holds shorter prompts than at the first reading (measured: -7.0% on qwen3-next over
+    500 requests, -4.9% on llama-3.2, -0.4% on gemma-3); the change is reported signed."""
     _, _, n, longest = profile
     rng = random.Random(1)
     bodies = [_mixed_body(rng, min(longest, 32)) for _ in range(n + n // 5)]
@@ -192,7 +194,7 @@ def test_memory_stays_flat(soak_server, profile):
     _figures(soak_server).update(rss_requests=n, rss_before_mib=before // 1024, rss_after_mib=after // 1024)
     _figures(soak_server)["rss_change_pct"] = round(100 * change, 1)
     assert statuses == [200] * n
-    assert abs(change) <= RSS_TOLERANCE, f"RSS {before} -> {after} KiB ({100 * change:+.1f}%)"
+    assert change <= RSS_TOLERANCE, f"RSS {before} -> {after} KiB ({100 * change:+.1f}%)"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
