@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .base import Fix, Patcher
+from .request_validation import RequestView, handle_through
 
 log = logging.getLogger("mlx_lm_ext")
 
@@ -47,15 +48,9 @@ def _client_gone(self) -> bool:
     return client_gone(self.connection)
 
 
-class _Watched:
-    """The response generator as one handler sees it: progress and tokens reach the
-    handler only while its client is connected; else the request is stopped."""
-
-    def __init__(self, handler: Any, inner: Any) -> None:
-        self._handler, self._inner = handler, inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+class _Watched(RequestView):
+    """Progress and tokens reach the handler only while its client is connected; else
+    the request is stopped."""
 
     def generate(self, request: Any, args: Any, progress_callback: Any = None) -> Any:
         box: list[Any] = []
@@ -85,12 +80,9 @@ def _checked(responses: Iterator[Any], check: Any) -> Iterator[Any]:
 def handle_completion(self, request, stop_words):
     from mlx_lm import server
 
-    inner = self.response_generator
-    self.response_generator = _Watched(self, inner)
-    try:
-        return FIX.original(server.APIHandler, "handle_completion")(self, request, stop_words)
-    finally:
-        self.response_generator = inner
+    return handle_through(
+        _Watched, FIX.original(server.APIHandler, "handle_completion"), self, request, stop_words
+    )
 
 
 def handle(self):

@@ -21,7 +21,7 @@ from typing import Any
 from .. import limits
 from ..cli import ServerArgumentParser
 from .base import Fix, Patcher
-from .request_validation import POST_PATHS, Answered, BadRequest, send_error
+from .request_validation import POST_PATHS, Answered, BadRequest, RequestView, handle_through, send_error
 from .server_kv_flags import _argparse_with
 
 
@@ -81,15 +81,9 @@ def _tokenize(self, tokenizer, request, args):
     return out
 
 
-class _Answering:
-    """The response generator as one handler sees it: an error of the request raised by
-    the generation thread (a ValueError) is answered 400 here, not 404 by upstream."""
-
-    def __init__(self, handler: Any, inner: Any) -> None:
-        self._handler, self._inner = handler, inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+class _Answering(RequestView):
+    """An error of the request raised by the generation thread (a ValueError) is
+    answered 400 here, not 404 by upstream."""
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -102,14 +96,12 @@ class _Answering:
 def handle_completion(self, request, stop_words):
     from mlx_lm import server
 
-    inner = self.response_generator
-    self.response_generator = _Answering(self, inner)
     try:
-        return FIX.original(server.APIHandler, "handle_completion")(self, request, stop_words)
+        return handle_through(
+            _Answering, FIX.original(server.APIHandler, "handle_completion"), self, request, stop_words
+        )
     except Answered:
         return
-    finally:
-        self.response_generator = inner
 
 
 class RequestLimits(Fix):

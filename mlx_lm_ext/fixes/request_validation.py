@@ -51,6 +51,27 @@ def send_error(handler, status: int, message: str, allow: str | None = None) -> 
     handler.wfile.flush()
 
 
+class RequestView:
+    """The response generator as one request's handler sees it: a fix changes generate()
+    for that request only (the generator itself is shared by every handler)."""
+
+    def __init__(self, handler: Any, inner: Any) -> None:
+        self._handler, self._inner = handler, inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def handle_through(view: type[RequestView], handle: Any, handler: Any, *args: Any) -> Any:
+    """Run `handle` (a handle_completion) with the handler's generator seen through view."""
+    inner = handler.response_generator
+    handler.response_generator = view(handler, inner)
+    try:
+        return handle(handler, *args)
+    finally:
+        handler.response_generator = inner
+
+
 def check_body(body: dict, path: str) -> None:
     """The fields upstream passes on unchecked; raises BadRequest naming the field."""
     stop = body.get("stop")
