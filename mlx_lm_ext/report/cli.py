@@ -13,13 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..cli import configure_logging
-from ..settings import ALLOWED_BITS, ALLOWED_GROUP_SIZES
+from ..settings import ALLOWED_BITS, ALLOWED_GROUP_SIZES, head_dims
 from . import memory, sweep
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlx_lm_ext.report", description=memory.__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="models.yaml id, hub repo id or model folder")
+    p.add_argument("--model", help="models.yaml id, hub repo id or model folder")
     p.add_argument("--context", type=int, default=131072, help="tokens in the cache (default 131072)")
     p.add_argument("--bits", default="8,4", help="quantized precisions to compare (default 8,4)")
     p.add_argument("--kv-group-size", type=int, default=64, choices=ALLOWED_GROUP_SIZES)
@@ -27,18 +27,68 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="a models.yaml id's offline stand-in")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     m = p.add_argument_group("--measure: run the model (its weights load) at 16 bits and quantized")
-    m.add_argument("--measure", action="store_true", help="measure cache bytes, peak memory, tok/s, KL")
+    m.add_argument(
+        "--measure",
+        nargs="?",
+        const="speed",
+        type=_measures,
+        help="speed (alone: cache bytes, peak memory, tok/s, KL over --points), or any of quality,recall "
+        "(the tables to choose bits by, see --lengths; JSON and PNGs in --out)",
+    )
     m.add_argument("--points", type=int, default=4, help="context lengths doubling up to --context")
     m.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed and compared per point")
     m.add_argument("--prompt-file", type=Path, help="text to feed (default: the zoo's English corpus)")
     m.add_argument("--plot", type=Path, help="write a PNG of cache MiB and KL against context")
+    q = p.add_argument_group("--measure quality,recall")
+    q.add_argument(
+        "--lengths", type=_ints, default=[512, 2048], help="quality: context lengths (default 512,2048)"
+    )
+    q.add_argument(
+        "--groups", type=_ints, default=None, help="quality: group sizes (default --kv-group-size)"
+    )
+    q.add_argument(
+        "--per-layer-bits", type=_ints, default=[4], help="quality: bits also run per layer kind (default 4)"
+    )
+    q.add_argument("--window", type=int, default=256, help="quality: positions scored before each length")
+    q.add_argument("--recall-lengths", type=_ints, default=[1024, 2048], help="recall: prompt lengths")
+    q.add_argument("--depths", type=_ints, default=[0, 25, 50, 75, 100], help="recall: needle depths in %%")
+    q.add_argument("--keys", type=int, default=20, help="recall: keys per length and depth (default 20)")
+    q.add_argument(
+        "--llamacpp-gguf", type=Path, help="GGUF file for llama.cpp's side (default: a zoo model's)"
+    )
+    q.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp's figures out")
+    q.add_argument("--replot", type=Path, help="draw the PNGs of a report.json again (next to it)")
+    q.add_argument("--out", type=Path, help="folder for report.json and the PNGs (default kv-report-MODEL)")
     return p
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+
+
+def _measures(text: str) -> set[str]:
+    got = {x for x in text.split(",") if x}
+    if bad := got - {"speed", "quality", "recall"}:
+        raise argparse.ArgumentTypeError(f"{sorted(bad)[0]!r}: measure speed, quality or recall")
+    if "speed" in got and len(got) > 1:
+        raise argparse.ArgumentTypeError("speed is measured alone (--points); quality,recall together")
+    return got
 
 
 def main(argv: list[str] | None = None) -> int:
     configure_logging(sys.argv[1:] if argv is None else argv, default="WARNING")
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.replot:
+        from .choosing import draw
+
+        draw(json.loads(args.replot.read_text()), args.replot.parent)
+        return 0
+    if not args.model:
+        parser.error("the following arguments are required: --model")
     bits = [int(b) for b in args.bits.split(",") if b]
     if bad := [b for b in bits if b not in ALLOWED_BITS]:
         parser.error(f"--bits {bad[0]}: must be one of {', '.join(map(str, ALLOWED_BITS))}")
@@ -47,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.points <= 0 or args.decode_tokens <= 0:
         parser.error("--points and --decode-tokens must be positive")
     if args.plot:
-        if not args.measure:
-            parser.error("--plot draws what --measure measures: add --measure")
+        if args.measure != {"speed"}:
+            parser.error("--plot draws what --measure speed measures: add --measure")
         sweep.require_matplotlib()
+    if args.measure and args.measure != {"speed"}:
+        return _choosing(parser, args, bits)
     name, config = memory.resolve_config(args.model, args.offline)
     layers = memory.trace_layout(config)
     rows = memory.table(layers, args.context, bits, args.kv_group_size, args.max_kv_size)
@@ -70,6 +122,31 @@ def main(argv: list[str] | None = None) -> int:
             print("\n" + sweep.markdown(points, args.decode_tokens))
     if args.plot:
         sweep.plot(points, args.plot, f"{name}, KV group {args.kv_group_size}")
+    return 0
+
+
+def _choosing(parser: argparse.ArgumentParser, args: argparse.Namespace, bits: list[int]) -> int:
+    """--measure quality,recall: checked before the weights load, then choosing.run."""
+    from . import choosing
+
+    args.bits_list = bits
+    args.groups = args.groups or [args.kv_group_size]
+    if bad := [g for g in args.groups if g not in ALLOWED_GROUP_SIZES]:
+        parser.error(f"--groups {bad[0]}: must be one of {', '.join(map(str, ALLOWED_GROUP_SIZES))}")
+    if args.window <= 0 or args.window % 256 or any(n % 256 or n < args.window + 256 for n in args.lengths):
+        parser.error("--window and --lengths must be multiples of 256, each length at least --window + 256")
+    if args.keys <= 0 or any(not 0 <= d <= 100 for d in args.depths) or min(args.recall_lengths) < 256:
+        parser.error("--keys must be positive, --depths within 0-100, --recall-lengths at least 256")
+    if args.llamacpp_gguf and not args.llamacpp_gguf.is_file():
+        parser.error(f"--llamacpp-gguf {args.llamacpp_gguf}: no such file")
+    args.depths = [d / 100 for d in args.depths]
+    name, config = memory.resolve_config(args.model, args.offline)
+    dims = head_dims(config)
+    if bad := [g for g in args.groups if any(d % g for d in dims)]:
+        parser.error(f"--groups {bad[0]}: does not divide the head dim(s) {sorted(dims)} of {name}")
+    layers = memory.trace_layout(config)
+    args.out = args.out or Path(f"kv-report-{Path(args.model).name}")
+    choosing.run(args, name, memory.model_source(args.model, args.offline)[1], layers)
     return 0
 
 

@@ -182,7 +182,8 @@ def model_source(model: str, offline: bool) -> tuple[str, str, bool]:
     except KeyError:
         return model, model, False
     if offline:
-        return f"{entry.id} (offline stand-in)", str(resolve(entry, "offline")), True
+        shown = entry.id if entry.real else f"{entry.id} (offline stand-in)"
+        return shown, str(resolve(entry, "offline")), True
     return entry.hub, entry.hub, True
 
 
