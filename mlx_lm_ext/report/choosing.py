@@ -26,7 +26,8 @@ def machine() -> str:
     """The backend and machine the figures come from, for file names and JSON."""
     import mlx.core as mx
 
-    if mx.cuda.is_available() if hasattr(mx, "cuda") else False:
+    cuda = getattr(mx, "cuda", None)  # MLX builds before the CUDA backend have no mx.cuda
+    if cuda is not None and cuda.is_available():
         return "cuda"
     return "metal" if mx.metal.is_available() else f"cpu-{platform.machine()}"
 

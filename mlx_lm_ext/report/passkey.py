@@ -23,6 +23,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..zoo.recall import common_prefix
 from .kv_quality import Choice, quantize
 
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
@@ -151,7 +152,8 @@ def run_cell(
     from mlx_lm.models.cache import make_prompt_cache
 
     prompts = [haystack.prompt(length, depth, k) for k in keyset]
-    split = min(_common(prompts[0].ids, p.ids) for p in prompts)  # the split, unless a key ends a word
+    # the tokens before the first key digit (a key's first digit may merge into the word before)
+    split = min(min(common_prefix(prompts[0].ids, p.ids), len(p.ids) - 1) for p in prompts)
     shared = make_prompt_cache(model)
     _extend(model, shared, prompts[0].ids[:split], choice)
     cell = Cell(length, depth)
@@ -167,13 +169,6 @@ def run_cell(
         if progress is not None:
             progress(1)
     return cell
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) - 1 and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def sweep(

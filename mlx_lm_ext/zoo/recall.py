@@ -395,7 +395,7 @@ def worded_task(tokenizer: Any, length: int, n_questions: int = 4, seed: int = 0
     asked = [str(r) for r in rng.permutation(_ROOMS)[:n_questions]]
     prompts = [_worded_prompt(tokenizer, body, room) for room in asked]
     shared = (
-        min(_common_prefix(prompts[0], p) for p in prompts[1:]) if len(prompts) > 1 else len(prompts[0]) - 1
+        min(common_prefix(prompts[0], p) for p in prompts[1:]) if len(prompts) > 1 else len(prompts[0]) - 1
     )
     return prompts[0][:shared], [(p[shared:], codes[room]) for p, room in zip(prompts, asked, strict=True)]
 
@@ -410,7 +410,7 @@ def _worded_prompt(tokenizer: Any, body: str, room: str) -> list[int]:
     return tokenizer.encode(f"{body}\n\nThe pass code of the {room} room is")
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
