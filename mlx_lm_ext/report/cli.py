@@ -1,7 +1,9 @@
 """The report command line: KV cache memory per precision, and with --measure what it costs.
 
 The table comes from config.json alone (memory.py); --measure loads the weights and runs
-16-bit against each quantized precision (sweep.py: bytes, peak memory, tok/s, KL).
+16-bit against each quantized precision (sweep.py: bytes, peak memory, tok/s, KL);
+--measure quality,recall runs the figures users choose bits by (choosing.py: KL per
+bits x group on prose, llama.cpp beside them, pass key recall; JSON and two PNGs).
 """
 
 from __future__ import annotations
