@@ -48,6 +48,7 @@ from mlx_lm_ext.report.measure import (
     prefill,
     quantize,
 )
+from mlx_lm_ext.report.memory import parse_widths
 from mlx_lm_ext.report.quality import cache_nbytes
 from mlx_lm_ext.settings import KVSettings
 
@@ -69,13 +70,55 @@ def load_model(model: str | None, config: Path | None) -> tuple[str, Any]:
     return name, load(source)[0]
 
 
-def affine_limit(bits: int | None, dtype_bytes: int = 2) -> float:
+ROTATE = {"": None, "rot": "keys", "rot-kv": "all"}
+
+
+def precision(text: str) -> int | str:
+    """A --bits item: `8` (int), or a format string: `K8V4` (key and value bits apart),
+    `4+rot` (keys rotated), `4+rot-kv` (keys and values), `K8V4+rot`."""
+    if text.isdigit():
+        return int(text)
+    widths, _, rotate = text.partition("+")
+    try:
+        parse_widths(widths)[0]
+        ROTATE[rotate]
+    except (ValueError, IndexError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: bits, K<k>V<v>, each with an optional +rot or +rot-kv"
+        ) from None
+    return text
+
+
+def _widths(bits: int | str) -> tuple[int, int, str | None]:
+    """(key bits, value bits, rotation) of a precision."""
+    if isinstance(bits, int):
+        return bits, bits, None
+    widths, _, rotate = bits.partition("+")
+    w = parse_widths(widths)[0]
+    key, value = (w, w) if isinstance(w, int) else w
+    return key, value, ROTATE[rotate]
+
+
+def affine_limit(bits: int | str | None, dtype_bytes: int = 2) -> float:
     """Bytes of a quantized row over a 16-bit row: packed bits plus a scale and bias per group."""
-    return 1.0 if bits is None else (bits / 8 + 2 * dtype_bytes / GROUP) / dtype_bytes
+    if bits is None:
+        return 1.0
+    key, value, _ = _widths(bits)
+    return ((key + value) / 16 + 2 * dtype_bytes / GROUP) / dtype_bytes
 
 
-def _settings(bits: int | None) -> KVSettings:
-    return KVSettings(kv_bits=bits, kv_group_size=GROUP, quantized_kv_start=0)
+def _settings(bits: int | str | None) -> KVSettings:
+    if bits is None or isinstance(bits, int):
+        return KVSettings(kv_bits=bits, kv_group_size=GROUP, quantized_kv_start=0)
+    key, value, rotate = _widths(bits)
+    return KVSettings(
+        kv_bits=key, kv_value_bits=value, kv_rotate=rotate, kv_group_size=GROUP, quantized_kv_start=0
+    )
+
+
+def _deliveries(bits: int | str | None) -> tuple[bool, ...]:
+    """Unpatched and patched; a format upstream has no words for (split, rotated): patched."""
+    return (False, True) if bits is None or isinstance(bits, int) else (True,)
 
 
 def _delivery(patched: bool, settings: KVSettings) -> None:
@@ -125,7 +168,7 @@ def decode_rows(model: Any, context: int, precisions: list, steps: int, rounds: 
     rates as medians over `rounds` turns taken by all settings (`measure.interleaved`)."""
     rows, caches = [], {}
     for bits in precisions:
-        for patched in (False, True):
+        for patched in _deliveries(bits):
             row = {"kind": "decode", "context": context, "bits": bits, "patched": patched}
             others = sum(cache_nbytes(c) for c in caches.values())
             row.update(_filled(model, context, bits, patched, others))
@@ -192,7 +235,7 @@ def run(
     if prefill_tokens:
         group = []
         for b in precisions:
-            for patched in (False, True):
+            for patched in _deliveries(b):
                 row = {"kind": "prefill", "context": prefill_tokens, "bits": b, "patched": patched}
                 group.append({**row, **prefill_row(model, prefill_tokens, b, patched)})
                 print(json.dumps(group[-1]), flush=True)
@@ -202,7 +245,9 @@ def run(
 
 
 def _precision(r: dict) -> str:
-    return "16-bit" if r["bits"] is None else f"{r['bits']}-bit"
+    if r["bits"] is None:
+        return "16-bit"
+    return f"{r['bits']}-bit" if isinstance(r["bits"], int) else r["bits"]
 
 
 def _cell(r: dict, key: str, fmt: str) -> str:
@@ -250,7 +295,7 @@ def markdown(result: dict[str, Any]) -> str:
     convert = [r for r in result["rows"] if r["kind"] == "quantize" and "convert_ms" in r]
     if convert:
         lines += ["", "One-off conversion of the 16-bit cache at --quantized-kv-start:"]
-        lines += [f"- {r['context']} tokens to {r['bits']}-bit: {r['convert_ms']:.1f} ms" for r in convert]
+        lines += [f"- {r['context']} tokens to {_precision(r)}: {r['convert_ms']:.1f} ms" for r in convert]
     return "\n".join(lines)
 
 
@@ -267,7 +312,9 @@ def model_parser(doc: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = model_parser(__doc__)
     parser.add_argument("--contexts", type=int, nargs="*", default=[4096, 32768], help="none: prefill only")
-    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    parser.add_argument(
+        "--bits", type=precision, nargs="+", default=[8, 4], help="8, 4, K8V4, 4+rot, 4+rot-kv, ..."
+    )
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per setting and round")
     parser.add_argument("--rounds", type=int, default=3, help="turns all settings take (medians)")
     parser.add_argument("--prefill", type=int, default=4096, help="prefill tokens timed (0: skip)")

@@ -84,6 +84,32 @@ def kv_flags() -> list[tuple[str, dict[str, Any]]]:
             },
         ),
         (
+            "--kv-key-bits",
+            {
+                "type": int,
+                "default": None,
+                "help": "Bits for the keys of the quantized KV cache (default: --kv-bits).",
+            },
+        ),
+        (
+            "--kv-value-bits",
+            {
+                "type": int,
+                "default": None,
+                "help": "Bits for the values of the quantized KV cache (default: --kv-bits).",
+            },
+        ),
+        (
+            "--kv-rotate",
+            {
+                "nargs": "?",
+                "const": "keys",
+                "default": None,
+                "choices": ["keys", "all"],
+                "help": "Hadamard-rotate the keys (or 'all': keys and values) before quantizing.",
+            },
+        ),
+        (
             "--keep-sliding-kv",
             {"action": "store_true", "help": "With --kv-bits, keep sliding-window layers at full precision."},
         ),
@@ -109,6 +135,9 @@ def settings_from_args(ns: argparse.Namespace) -> KVSettings:
         quantized_kv_start=ns.quantized_kv_start,
         max_kv_size=ns.max_kv_size,
         quantize_sliding=not ns.keep_sliding_kv,
+        kv_key_bits=getattr(ns, "kv_key_bits", None),
+        kv_value_bits=getattr(ns, "kv_value_bits", None),
+        kv_rotate=getattr(ns, "kv_rotate", None),
     )
 
 
@@ -130,10 +159,11 @@ def apply_parsed(ns: argparse.Namespace, prog: str) -> argparse.Namespace:
     """Validate the flags (exit 2 with one line on error) and make them the process's."""
     settings = check_server_args(ns, prog)
     configure(settings)
+    ns.kv_bits = settings.kv_bits  # --kv-key-bits alone quantizes, in upstream's code too
     if settings.kv_bits is not None or settings.max_kv_size is not None:
         log.info(
             "kv cache: bits=%s group=%d start=%d max_kv_size=%s sliding=%s",
-            settings.kv_bits,
+            settings.describe() if settings.kv_bits is not None else None,
             settings.kv_group_size,
             settings.start,
             settings.max_kv_size,

@@ -41,6 +41,15 @@ class KVSettings:
     quantized_kv_start: int | None = None
     max_kv_size: int | None = None
     quantize_sliding: bool = True
+    kv_key_bits: int | None = None  # each of these two defaults to kv_bits
+    kv_value_bits: int | None = None
+    kv_rotate: str | None = None  # None, "keys" or "all" (caches/kv_format.py)
+
+    def __post_init__(self) -> None:
+        # Key bits alone switch quantization on, as kv_bits does: everything that asks
+        # "is the cache quantized?" reads kv_bits.
+        if self.kv_bits is None and self.kv_key_bits is not None:
+            object.__setattr__(self, "kv_bits", self.kv_key_bits)
 
     @property
     def start(self) -> int:
@@ -48,12 +57,41 @@ class KVSettings:
             return default_quantized_kv_start()
         return self.quantized_kv_start
 
+    @property
+    def key_bits(self) -> int | None:
+        return self.kv_key_bits or self.kv_bits
+
+    @property
+    def value_bits(self) -> int | None:
+        return self.kv_value_bits or self.kv_bits
+
+    def describe(self) -> str:
+        """`8`, `8 value_bits=4 rotate=keys`: the keys' width, then what differs."""
+        text = str(self.key_bits)
+        if self.value_bits != self.key_bits:
+            text += f" value_bits={self.value_bits}"
+        return text + (f" rotate={self.kv_rotate}" if self.kv_rotate else "")
+
 
 def validate(settings: KVSettings, model: str | None = None) -> None:
     """Raise SettingsError for values that cannot work; reads only config.json."""
-    if settings.kv_bits is not None and settings.kv_bits not in ALLOWED_BITS:
+    for flag, bits in (  # key bits first: given alone, they are kv_bits too
+        ("--kv-key-bits", settings.kv_key_bits),
+        ("--kv-value-bits", settings.kv_value_bits),
+        ("--kv-bits", settings.kv_bits),
+    ):
+        if bits is not None and bits not in ALLOWED_BITS:
+            raise SettingsError(f"{flag} {bits}: must be one of {', '.join(map(str, ALLOWED_BITS))}")
+    if settings.kv_value_bits is not None and settings.kv_bits is None:
         raise SettingsError(
-            f"--kv-bits {settings.kv_bits}: must be one of {', '.join(map(str, ALLOWED_BITS))}"
+            f"--kv-value-bits {settings.kv_value_bits}: "
+            "also give --kv-key-bits or --kv-bits (the keys' width)"
+        )
+    if settings.kv_rotate not in (None, "keys", "all"):
+        raise SettingsError(f"--kv-rotate {settings.kv_rotate}: must be keys or all")
+    if settings.kv_rotate is not None and settings.kv_bits is None:
+        raise SettingsError(
+            f"--kv-rotate {settings.kv_rotate}: rotates a quantized cache; also give --kv-bits"
         )
     if settings.kv_group_size not in ALLOWED_GROUP_SIZES:
         raise SettingsError(
@@ -74,6 +112,11 @@ def _check_head_dims(settings: KVSettings, model: str) -> None:
         log.warning("could not read config.json of %s before loading; head-dim check skipped", model)
         return
     for dim in sorted(head_dims(config)):
+        if settings.kv_rotate is not None and dim & (dim - 1):
+            raise SettingsError(
+                f"--kv-rotate {settings.kv_rotate}: the Hadamard rotation needs a power-of-two head dim; "
+                f"{model} (model_type {config.get('model_type')}) has {dim}"
+            )
         if dim % settings.kv_group_size:
             raise SettingsError(
                 f"--kv-group-size {settings.kv_group_size}: does not divide the head dim {dim} "

@@ -199,7 +199,9 @@ def test_decode_hands_the_flash_kernel_the_caches_own_arrays(tail, monkeypatch):
     buffers with its row count: no slice, copy or upload op a layer a step."""
     calls = []
 
-    def flash_decode(queries, q_keys, q_values, scale, group_size, bits, length, mask, sinks, rows):
+    def flash_decode(
+        queries, q_keys, q_values, scale, group_size, bits, length, mask, sinks, rows, value_bits
+    ):
         calls.append((q_keys, q_values, length, rows))
         return queries
 

@@ -22,15 +22,16 @@ def test_every_fix_has_its_patch_and_names_it():
     names, release = series.read_series()
     assert release is not None
     slugs = [series.slug(n) for n in names]
-    assert sorted(slugs) == sorted(f.name for f in FIXES if f.name not in NO_PATCH)
+    assert sorted(slugs) == sorted(s for f in FIXES if f.name not in NO_PATCH for s in f.patch_slugs)
     for fix in FIXES:
         doc = sys.modules[type(fix).__module__].__doc__
         if fix.name in NO_PATCH:
             assert "No patch file" in doc
             continue
-        file = names[slugs.index(fix.name)]
-        assert f"patches/{file}" in doc, f"{fix.name}'s docstring does not name {file}"
-        assert (series.PATCHES / file).exists()
+        for patch in fix.patch_slugs:
+            file = names[slugs.index(patch)]
+            assert f"patches/{file}" in doc, f"{fix.name}'s docstring does not name {file}"
+            assert (series.PATCHES / file).exists()
 
 
 def test_patches_are_format_patch_with_tests_and_reviewable_size():
@@ -85,14 +86,16 @@ def test_a_patch_that_does_not_apply_names_patch_file_and_hunk(release_tree, tmp
     server.write_text(text)
     series.git(tree, "commit", "-qam", "upstream moves on")
     applied, failures = series.check(tree)
-    # 0009 builds on 0005's server lines (BatchGenerator's max_kv_size), and 0011-0013 on
-    # its flag checks in main(), so they fail too; the others still apply.
+    # 0009 builds on 0005's server lines (BatchGenerator's max_kv_size), and 0011-0013,
+    # 0015 and 0016 on its flag checks, so they fail too; the others still apply.
     assert [f.patch for f in failures] == [
         "0005-server-kv-flags.patch",
         "0009-batched-quantized-kv.patch",
         "0011-request-limits.patch",
         "0012-client-disconnect.patch",
         "0013-server-lifecycle.patch",
+        "0015-kv-value-bits.patch",
+        "0016-kv-rotate.patch",
     ]
     assert "0006-request-errors.patch" in applied
     (file, line, hunk), *_ = failures[0].hunks

@@ -36,7 +36,7 @@ def test_sinks_match_reference(n_q, n_kv, L):
 def test_packed_params_read_group_and_bits():
     q = mx.zeros((1, 1, 1, 256))
     for group, bits in ((64, 8), (32, 4), (128, 6)):
-        assert packed_params(q, mx.quantize(mx.zeros((1, 1, 2, 256)), group, bits)) == (group, bits)
+        assert packed_params(q, mx.quantize(mx.zeros((1, 1, 2, 256)), group, bits)) == (group, bits, bits)
 
 
 @pytest.mark.parametrize("kind", ["bool-window", "additive"])
@@ -146,7 +146,8 @@ def test_operands_read_buffers_the_view_fills_without_copies(monkeypatch):
     cache = QuantizedKVCache()
     x = mx.random.normal((1, 2, 256, 64))
     keys, values = cache.update_and_fetch(x, x)  # 256 rows: one whole growth step
-    got_k, got_v, _, _, length, _ = fix.operands(keys, values, cache, 64, 8)
+    ops = fix.operands(keys, values, cache, 64, 8)
+    got_k, got_v, length = ops.keys, ops.values, ops.length
     assert length is None
     assert all(a is b for a, b in zip(got_k, vars(cache)["keys"], strict=True))
     assert all(a is b for a, b in zip(got_v, vars(cache)["values"], strict=True))

@@ -23,6 +23,7 @@ from mlx_lm.models.cache import (
     dynamic_roll,
 )
 
+from . import kv_format
 from .quantized_rotating import QuantizedRotatingKVCache
 
 Triple = tuple[mx.array, mx.array, mx.array]
@@ -70,15 +71,20 @@ def is_quantized(cache: Any) -> bool:
     return getattr(cache, "bits", None) is not None
 
 
-def _as_quantized(caches: list[Any]) -> tuple[list[Any], int, int]:
-    """A merge's members all quantized with the one setting of its quantized members:
-    (caches, group_size, bits)."""
-    params = {(c.group_size, c.bits) for c in caches if is_quantized(c)}
+def _as_quantized(caches: list[Any]) -> tuple[list[Any], tuple]:
+    """A merge's members all quantized with the one format of its quantized members:
+    (caches, (group_size, bits, value_bits, rotate))."""
+    params = {kv_format.fmt(c) for c in caches if is_quantized(c)}
     if len(params) != 1:
-        raise ValueError(f"cannot batch caches quantized with different settings: {sorted(params)}")
-    group_size, bits = params.pop()
-    converted = [c if is_quantized(c) else c.to_quantized(group_size=group_size, bits=bits) for c in caches]
-    return converted, group_size, bits
+        raise ValueError(f"cannot batch caches quantized with different settings: {sorted(params, key=str)}")
+    template = next(c for c in caches if is_quantized(c))
+    converted = [c if is_quantized(c) else _quantized_like(c, template) for c in caches]
+    return converted, params.pop()
+
+
+def _quantized_like(cache: Any, template: Any) -> Any:
+    """`cache` quantized in `template`'s format."""
+    return cache.to_quantized(group_size=template.group_size, bits=template.bits, **kv_format.extra(template))
 
 
 def _merged_rows(caches: list[Any], lengths: list[int], ordered) -> tuple[Triple, Triple]:
@@ -129,20 +135,29 @@ def _join(a: Any, b: Any) -> None:
 
 
 class _QuantizedRows:
-    """Quantization shared by both batch caches."""
+    """Quantization shared by both batch caches (caches/kv_format.py: the format)."""
 
     group_size: int
     bits: int
+    value_bits: int
+    rotate: str | None
 
-    def _quantize(self, x: mx.array) -> Triple:
-        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+    def _format(self, group_size: int, bits: int, value_bits: int | None, rotate: str | None) -> None:
+        self.group_size, self.bits, self.value_bits, self.rotate = (
+            group_size,
+            bits,
+            value_bits or bits,
+            rotate,
+        )
 
-    def _zeros(self, like: mx.array, n: int) -> Triple:
-        B, H, _, D = like.shape
+    def _quantize(self, keys: mx.array, values: mx.array) -> tuple[Triple, Triple]:
+        return kv_format.quantize_kv(self, keys, values)
+
+    def _new_rows(self, keys: mx.array, values: mx.array, n: int) -> tuple[Triple, Triple]:
+        """Empty key and value buffers of n rows, each at its width."""
         return (
-            mx.zeros((B, H, n, D * self.bits // 32), mx.uint32),
-            mx.zeros((B, H, n, D // self.group_size), like.dtype),
-            mx.zeros((B, H, n, D // self.group_size), like.dtype),
+            kv_format.zeros(keys, n, self.group_size, self.bits),
+            kv_format.zeros(values, n, self.group_size, self.value_bits),
         )
 
     _STATE: tuple[str, ...] = ()
@@ -173,16 +188,22 @@ class _QuantizedRows:
 class BatchQuantizedKVCache(_QuantizedRows, BatchKVCache):
     """BatchKVCache whose keys and values are affine-quantized `(data, scales, biases)`."""
 
-    def __init__(self, left_padding: list[int], group_size: int = 64, bits: int = 8):
+    def __init__(
+        self,
+        left_padding: list[int],
+        group_size: int = 64,
+        bits: int = 8,
+        value_bits: int | None = None,
+        rotate: str | None = None,
+    ):
         super().__init__(left_padding)
-        self.group_size = group_size
-        self.bits = bits
+        self._format(group_size, bits, value_bits, rotate)
 
     def update_and_fetch(self, keys, values):
         prev, S = self._idx, keys.shape[2]
         if self.keys is None or prev + S > self.keys[0].shape[2]:
             n = (self.step + S - 1) // self.step * self.step
-            new_k, new_v = self._zeros(keys, n), self._zeros(values, n)
+            new_k, new_v = self._new_rows(keys, values, n)
             if self.keys is None:
                 self.keys, self.values = new_k, new_v
             else:
@@ -190,10 +211,10 @@ class BatchQuantizedKVCache(_QuantizedRows, BatchKVCache):
                 self.values = _cat(_rows(self.values, None, prev), new_v)
         self.offset = self.offset + S
         self._idx += S
-        for dst, src in ((self.keys, self._quantize(keys)), (self.values, self._quantize(values))):
+        for dst, src in zip((self.keys, self.values), self._quantize(keys, values), strict=True):
             for d, s in zip(dst, src, strict=True):
                 d[..., prev : self._idx, :] = s
-        return self.keys_and_values()
+        return kv_format.tagged(self, self.keys_and_values())
 
     def keys_and_values(self):
         return _rows(self.keys, None, self._idx), _rows(self.values, None, self._idx)
@@ -223,7 +244,7 @@ class BatchQuantizedKVCache(_QuantizedRows, BatchKVCache):
         _join(self, other)
 
     def extract(self, idx: int) -> QuantizedKVCache:
-        cache = QuantizedKVCache(group_size=self.group_size, bits=self.bits)
+        cache = QuantizedKVCache(group_size=self.group_size, bits=self.bits, **kv_format.extra(self))
         mx.eval(self.left_padding)
         padding = self.left_padding.tolist()[idx]
         cache.keys = _map(lambda x: mx.contiguous(x[idx : idx + 1, :, padding : self._idx]), self.keys)
@@ -234,12 +255,12 @@ class BatchQuantizedKVCache(_QuantizedRows, BatchKVCache):
     @classmethod
     def merge(cls, caches: list[Any]) -> BatchQuantizedKVCache:
         """Batch per-request caches, quantizing those still at 16 bits."""
-        caches, group_size, bits = _as_quantized(caches)
+        caches, fmt = _as_quantized(caches)
         lengths = [c.offset if c.keys is not None else 0 for c in caches]
         max_length = max(lengths)
         if max_length == 0:
-            return cls([0] * len(caches), group_size, bits)
-        cache = cls([max_length - n for n in lengths], group_size, bits)
+            return cls([0] * len(caches), *fmt)
+        cache = cls([max_length - n for n in lengths], *fmt)
         cache.keys, cache.values = _merged_rows(caches, lengths, lambda c, v: _rows(v, None, c.offset))
         cache.offset = cache.offset + max_length
         cache._idx = max_length
@@ -249,10 +270,17 @@ class BatchQuantizedKVCache(_QuantizedRows, BatchKVCache):
 class BatchQuantizedRotatingKVCache(_QuantizedRows, BatchRotatingKVCache):
     """BatchRotatingKVCache whose ring holds affine-quantized `(data, scales, biases)`."""
 
-    def __init__(self, max_size: int, left_padding: list[int], group_size: int = 64, bits: int = 8):
+    def __init__(
+        self,
+        max_size: int,
+        left_padding: list[int],
+        group_size: int = 64,
+        bits: int = 8,
+        value_bits: int | None = None,
+        rotate: str | None = None,
+    ):
         super().__init__(max_size, left_padding)
-        self.group_size = group_size
-        self.bits = bits
+        self._format(group_size, bits, value_bits, rotate)
 
     def _trim(self, trim_size, v, append=None):
         if trim_size > 0:
@@ -268,7 +296,7 @@ class BatchQuantizedRotatingKVCache(_QuantizedRows, BatchRotatingKVCache):
 
     def _update_concat(self, keys, values):
         S = keys.shape[2]
-        keys, values = self._quantize(keys), self._quantize(values)
+        keys, values = self._quantize(keys, values)
         if self.keys is None:
             self.keys, self.values = keys, values
         else:
@@ -294,7 +322,7 @@ class BatchQuantizedRotatingKVCache(_QuantizedRows, BatchRotatingKVCache):
         self._offset += S
         self._idx = self.keys[0].shape[2]
         self.keys = _with_dependencies(self.keys, self.left_padding, self.offset)
-        return self.keys, self.values
+        return kv_format.tagged(self, (self.keys, self.values))
 
     def _update_in_place(self, keys, values):
         if self._lengths is not None:
@@ -305,7 +333,7 @@ class BatchQuantizedRotatingKVCache(_QuantizedRows, BatchRotatingKVCache):
         prev = self._offset
         if self.keys is None or (prev >= self.keys[0].shape[2] and self.keys[0].shape[2] < self.max_size):
             new_size = min(self.step, self.max_size - prev)
-            new_k, new_v = self._zeros(keys, new_size), self._zeros(values, new_size)
+            new_k, new_v = self._new_rows(keys, values, new_size)
             if self.keys is not None:
                 self.keys, self.values = _cat(self.keys, new_k), _cat(self.values, new_v)
             else:
@@ -321,14 +349,14 @@ class BatchQuantizedRotatingKVCache(_QuantizedRows, BatchRotatingKVCache):
             self._idx = 0
         if self.rotated:
             self.left_padding = self.left_padding - S
-        for dst, src in ((self.keys, self._quantize(keys)), (self.values, self._quantize(values))):
+        for dst, src in zip((self.keys, self.values), self._quantize(keys, values), strict=True):
             for d, s in zip(dst, src, strict=True):
                 d[..., self._idx : self._idx + S, :] = s
         self._offset += S
         self.offset = self.offset + S
         self._idx += S
         self.keys = _with_dependencies(self.keys, self.left_padding, self.offset)
-        return self.keys_and_values()
+        return kv_format.tagged(self, self.keys_and_values())
 
     def keys_and_values(self):
         if self._offset < self.keys[0].shape[2]:
@@ -358,7 +386,7 @@ class BatchQuantizedRotatingKVCache(_QuantizedRows, BatchRotatingKVCache):
 
     def extract(self, idx: int) -> QuantizedRotatingKVCache:
         mx.eval(self.left_padding, self.offset)
-        cache = QuantizedRotatingKVCache(self.max_size, group_size=self.group_size, bits=self.bits)
+        cache = QuantizedRotatingKVCache(self.max_size, 0, *kv_format.fmt(self))
         padding = max(0, self.left_padding.tolist()[idx])
         keys = _map(lambda x: x[idx : idx + 1], self.keys)
         values = _map(lambda x: x[idx : idx + 1], self.values)
@@ -379,12 +407,12 @@ class BatchQuantizedRotatingKVCache(_QuantizedRows, BatchRotatingKVCache):
         max_size = caches[0].max_size
         if any(c.max_size != max_size for c in caches):
             raise ValueError("BatchQuantizedRotatingKVCache can only merge caches with the same maximum size")
-        caches, group_size, bits = _as_quantized(caches)
+        caches, fmt = _as_quantized(caches)
         lengths = [c.size() for c in caches]
         max_length = max(lengths)
         if max_length == 0:
-            return cls(max_size, [0] * len(caches), group_size, bits)
-        cache = cls(max_size, [max_length - n for n in lengths], group_size, bits)
+            return cls(max_size, [0] * len(caches), *fmt)
+        cache = cls(max_size, [max_length - n for n in lengths], *fmt)
         cache.keys, cache.values = _merged_rows(caches, lengths, lambda c, v: c._temporal_order(v))
         cache.offset = mx.array([c.offset for c in caches])
         cache._idx = cache._offset = max_length
@@ -395,28 +423,38 @@ def _copy(x: mx.array | None) -> mx.array | None:
     return None if x is None else mx.array(x)
 
 
-def batch_to_quantized(self: BatchKVCache, group_size: int = 64, bits: int = 4) -> BatchQuantizedKVCache:
+def batch_to_quantized(
+    self: BatchKVCache,
+    group_size: int = 64,
+    bits: int = 4,
+    value_bits: int | None = None,
+    rotate: str | None = None,
+) -> BatchQuantizedKVCache:
     """BatchKVCache.to_quantized: the same rows, padding and offsets, quantized."""
-    quant = BatchQuantizedKVCache([], group_size=group_size, bits=bits)
+    quant = BatchQuantizedKVCache([], group_size, bits, value_bits, rotate)
     # Copies: the batch caches update offset and left_padding in place (`-=`).
     quant.left_padding, quant.offset = _copy(self.left_padding), _copy(self.offset)
     quant._idx, quant._right_padding = self._idx, _copy(self._right_padding)
     if self.keys is not None and self._idx > 0:
-        quant.keys = quant._quantize(self.keys[..., : self._idx, :])
-        quant.values = quant._quantize(self.values[..., : self._idx, :])
+        rows = self.keys[..., : self._idx, :], self.values[..., : self._idx, :]
+        quant.keys, quant.values = quant._quantize(*rows)
     return quant
 
 
 def batch_rotating_to_quantized(
-    self: BatchRotatingKVCache, group_size: int = 64, bits: int = 4
+    self: BatchRotatingKVCache,
+    group_size: int = 64,
+    bits: int = 4,
+    value_bits: int | None = None,
+    rotate: str | None = None,
 ) -> BatchQuantizedRotatingKVCache:
     """BatchRotatingKVCache.to_quantized: the same ring and bookkeeping, quantized."""
-    quant = BatchQuantizedRotatingKVCache(self.max_size, [], group_size=group_size, bits=bits)
+    quant = BatchQuantizedRotatingKVCache(self.max_size, [], group_size, bits, value_bits, rotate)
     for name in ("left_padding", "offset", "_lengths"):
         setattr(quant, name, _copy(getattr(self, name)))
     quant._idx, quant._offset, quant.rotated = self._idx, self._offset, self.rotated
     if self.keys is not None:
-        quant.keys, quant.values = quant._quantize(self.keys), quant._quantize(self.values)
+        quant.keys, quant.values = quant._quantize(self.keys, self.values)
     return quant
 
 
@@ -429,7 +467,7 @@ def align_precision(a: Any, b: Any) -> tuple[Any, Any]:
         b.caches = type(b.caches)(y for _, y in pairs)
         return a, b
     if is_quantized(a) and not is_quantized(b):
-        return a, b.to_quantized(group_size=a.group_size, bits=a.bits)
+        return a, _quantized_like(b, a)
     if is_quantized(b) and not is_quantized(a):
-        return a.to_quantized(group_size=b.group_size, bits=b.bits), b
+        return _quantized_like(a, b), b
     return a, b

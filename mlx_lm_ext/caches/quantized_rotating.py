@@ -14,8 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
-from mlx.utils import tree_map, tree_reduce
+from mlx.utils import tree_reduce
 from mlx_lm.models.cache import RotatingKVCache, _BaseCache
+
+from . import kv_format
 
 # Releases up to 0.31 serialize scalars through `meta_state`; 0.32 folds them into
 # `state`. Speak whichever protocol the installed base class uses.
@@ -35,7 +37,15 @@ class QuantizedRotatingKVCache(_BaseCache):
 
     step = 256
 
-    def __init__(self, max_size: int, keep: int = 0, group_size: int = 64, bits: int = 8):
+    def __init__(
+        self,
+        max_size: int,
+        keep: int = 0,
+        group_size: int = 64,
+        bits: int = 8,
+        value_bits: int | None = None,
+        rotate: str | None = None,
+    ):
         self.keep = keep
         self.keys = None
         self.values = None
@@ -44,6 +54,8 @@ class QuantizedRotatingKVCache(_BaseCache):
         self._idx = 0
         self.group_size = group_size
         self.bits = bits
+        self.value_bits = value_bits or bits
+        self.rotate = rotate
 
     # RotatingKVCache's bookkeeping reads only offset, _idx, keep and max_size, so the
     # installed release's own methods serve both classes and stay in step with upstream.
@@ -54,16 +66,8 @@ class QuantizedRotatingKVCache(_BaseCache):
     def size(self) -> int:
         return min(self.offset, self.max_size)
 
-    def _quantize(self, x: mx.array) -> tuple[mx.array, ...]:
-        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
-
-    def _zeros(self, like: mx.array, n: int) -> tuple[mx.array, ...]:
-        B, H, _, D = like.shape
-        return (
-            mx.zeros((B, H, n, D * self.bits // 32), mx.uint32),
-            mx.zeros((B, H, n, D // self.group_size), like.dtype),
-            mx.zeros((B, H, n, D // self.group_size), like.dtype),
-        )
+    def _zeros(self, like: mx.array, n: int, bits: int) -> tuple[mx.array, ...]:
+        return kv_format.zeros(like, n, self.group_size, bits)
 
     def _trim(self, trim_size: int, v, append=None):
         parts = [_seq(v, None, self.keep), _seq(v, trim_size + self.keep)] if trim_size > 0 else [v]
@@ -81,7 +85,7 @@ class QuantizedRotatingKVCache(_BaseCache):
         return _seq(v, None, self._idx)
 
     def _update_concat(self, keys: mx.array, values: mx.array):
-        qk, qv = self._quantize(keys), self._quantize(values)
+        qk, qv = kv_format.quantize_kv(self, keys, values)
         if self.keys is None:
             self.keys, self.values = qk, qv
         else:
@@ -99,7 +103,8 @@ class QuantizedRotatingKVCache(_BaseCache):
     def _grow(self, keys: mx.array, values: mx.array) -> None:
         prev = self.offset
         new_size = min(self.step, self.max_size - prev)
-        new_k, new_v = self._zeros(keys, new_size), self._zeros(values, new_size)
+        new_k = self._zeros(keys, new_size, self.bits)
+        new_v = self._zeros(values, new_size, self.value_bits)
         if self.keys is not None:
             self.keys, self.values = _cat([self.keys, new_k]), _cat([self.values, new_v])
         else:
@@ -119,7 +124,7 @@ class QuantizedRotatingKVCache(_BaseCache):
             self._idx = self.max_size
         if self._idx == self.max_size:
             self._idx = self.keep
-        for dst, src in ((self.keys, self._quantize(keys)), (self.values, self._quantize(values))):
+        for dst, src in zip((self.keys, self.values), kv_format.quantize_kv(self, keys, values), strict=True):
             for d, s in zip(dst, src, strict=True):
                 d[..., self._idx : self._idx + S, :] = s
         self.offset += S
@@ -128,8 +133,8 @@ class QuantizedRotatingKVCache(_BaseCache):
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         if keys.shape[2] == 1:
-            return self._update_in_place(keys, values)
-        return self._update_concat(keys, values)
+            return kv_format.tagged(self, self._update_in_place(keys, values))
+        return kv_format.tagged(self, self._update_concat(keys, values))
 
     def keys_and_values(self):
         if self.offset < self.keys[0].shape[2]:
@@ -137,10 +142,18 @@ class QuantizedRotatingKVCache(_BaseCache):
         return self.keys, self.values
 
     def _meta(self) -> tuple[int, ...]:
-        return (self.offset, self.keep, self.max_size, self._idx, self.group_size, self.bits)
+        """The scalars saved with the ring; value bits and rotation only where they are
+        not uniform and unrotated, so such caches save as before."""
+        meta = (self.offset, self.keep, self.max_size, self._idx, self.group_size, self.bits)
+        if kv_format.is_uniform(self):
+            return meta
+        return (*meta, self.value_bits, kv_format.ROTATIONS.index(self.rotate))
 
     def _set_meta(self, meta) -> None:
-        self.offset, self.keep, self.max_size, self._idx, self.group_size, self.bits = map(int, meta)
+        meta = list(map(int, meta))
+        self.offset, self.keep, self.max_size, self._idx, self.group_size, self.bits = meta[:6]
+        self.value_bits, rotate = meta[6:] or (self.bits, 0)
+        self.rotate = kv_format.ROTATIONS[rotate]
 
     @property
     def state(self):
@@ -176,10 +189,12 @@ class QuantizedRotatingKVCache(_BaseCache):
         return tree_reduce(lambda a, x: a + x.nbytes, (self.keys, self.values), 0)
 
 
-def rotating_to_quantized(self: Any, group_size: int = 64, bits: int = 4) -> QuantizedRotatingKVCache:
+def rotating_to_quantized(
+    self: Any, group_size: int = 64, bits: int = 4, value_bits: int | None = None, rotate: str | None = None
+) -> QuantizedRotatingKVCache:
     """RotatingKVCache.to_quantized: the same ring, positions and offset, quantized."""
-    quant = QuantizedRotatingKVCache(self.max_size, keep=self.keep, group_size=group_size, bits=bits)
+    quant = QuantizedRotatingKVCache(self.max_size, self.keep, group_size, bits, value_bits, rotate)
     quant.offset, quant._idx = self.offset, self._idx
     if self.keys is not None:
-        quant.keys, quant.values = tree_map(quant._quantize, (self.keys, self.values))
+        quant.keys, quant.values = kv_format.quantize_kv(quant, self.keys, self.values)
     return quant

@@ -15,6 +15,7 @@ from . import (
     batched_quantized_kv,
     client_disconnect,
     hybrid_quantize,
+    kv_format,
     max_kv_size,
     prompt_cache_full_hit,
     quantized_attention,
@@ -32,6 +33,7 @@ log = logging.getLogger("mlx_lm_ext")
 
 FIXES: list[Fix] = [
     quantized_rotating_kv_cache.FIX,
+    kv_format.FIX,
     hybrid_quantize.FIX,
     quantized_attention.FIX,
     quantized_decode_tail.FIX,

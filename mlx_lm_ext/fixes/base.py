@@ -106,13 +106,21 @@ class Fix:
     """One upstream gap: detect it, patch it, undo it.
 
     Subclasses set `name` (the slug shared with patches/NNNN-<name>.patch and the module's
-    name) and `summary`, implement `needed()` by probing behaviour, never version strings,
-    and `install(patcher)`. Replacements reach what they wrap with `original(owner, attr)`
-    and keep per-process memory (log-once sets, caches) in `state`; both go with `revert`.
+    name; `patches` lists the slugs instead where the series carries one fix as several
+    patches, one upstream PR each) and `summary`, implement `needed()` by probing
+    behaviour, never version strings, and `install(patcher)`. Replacements reach what
+    they wrap with `original(owner, attr)` and keep per-process memory (log-once sets,
+    caches) in `state`; both go with `revert`.
     """
 
     name = ""
     summary = ""
+    patches: tuple[str, ...] = ()
+
+    @property
+    def patch_slugs(self) -> tuple[str, ...]:
+        """The slugs of the patch files that carry this fix in the series."""
+        return self.patches or (self.name,)
 
     def __init__(self) -> None:
         self.patcher: Patcher | None = None

@@ -40,8 +40,9 @@ def _extract_rotating(self, idx):
     return layout.mark_bounded(cache) if layout.is_bounded(self) else cache
 
 
-def _rotating_to_quantized(self, group_size: int = 64, bits: int = 4):
-    quant = bq.batch_rotating_to_quantized(self, group_size=group_size, bits=bits)
+def _rotating_to_quantized(self, group_size: int = 64, bits: int = 4, **fmt):
+    """`fmt`: value_bits and rotate, as batch_rotating_to_quantized takes them."""
+    quant = bq.batch_rotating_to_quantized(self, group_size=group_size, bits=bits, **fmt)
     return layout.mark_bounded(quant) if layout.is_bounded(self) else quant
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from dataclasses import replace
 from typing import Any
 
 from .. import layout
@@ -35,18 +36,21 @@ KEPT = {
 SLIDING_KINDS = (layout.SLIDING, layout.BATCH_SLIDING)
 
 
-def quantize_layer(cache: Any, start: int, group_size: int, bits: int, sliding: bool):
+def quantize_layer(
+    cache: Any, start: int, group_size: int, bits: int, sliding: bool, fmt: dict | None = None
+):
     """One layer's cache after quantization, whether it was converted now, and the
-    reason when it is kept unquantized."""
+    reason when it is kept unquantized. `fmt`: value_bits and rotate where they are not
+    uniform and unrotated (caches/kv_format.py), passed to `to_quantized`."""
     kind = layout.classify(cache)
     if kind in SLIDING_KINDS and not sliding and not layout.is_bounded(cache):
         return cache, False, f"sliding window ({cache.max_size} tokens) kept at full precision"
     if kind in (layout.FULL, layout.SLIDING, layout.BATCH, layout.BATCH_SLIDING):
         if tokens_seen(cache, kind) < start:
             return cache, False, None
-        return cache.to_quantized(group_size=group_size, bits=bits), True, None
+        return cache.to_quantized(group_size=group_size, bits=bits, **(fmt or {})), True, None
     if kind == layout.LIST:
-        inner = [quantize_layer(c, start, group_size, bits, sliding) for c in cache.caches]
+        inner = [quantize_layer(c, start, group_size, bits, sliding, fmt) for c in cache.caches]
         cache.caches = type(cache.caches)(c for c, _, _ in inner)
         reasons = [r for _, _, r in inner if r]
         return cache, any(now for _, now, _ in inner), "; ".join(reasons) or None
@@ -72,20 +76,36 @@ def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_
     """
     if kv_bits is None:
         return
-    sliding = current().quantize_sliding
+    settings = current()
+    bits, fmt = layer_format(settings, kv_bits)
     # Read before converting: the quantized caches are new objects make_prompt_cache never saw.
     model = layout.origin(prompt_cache[0]) if prompt_cache else "unknown model"
     converted, kept = False, {}
     for i, c in enumerate(prompt_cache):
-        prompt_cache[i], now, reason = quantize_layer(c, quantized_kv_start, kv_group_size, kv_bits, sliding)
+        prompt_cache[i], now, reason = quantize_layer(
+            c, quantized_kv_start, kv_group_size, bits, settings.quantize_sliding, fmt
+        )
         converted = converted or now
         if reason:
             kept[i] = reason
     if converted:
-        log.info("%s: %s", model, describe_quantization(len(prompt_cache), kept, kv_bits))
+        label = replace(settings, kv_bits=kv_bits).describe() if fmt else bits
+        log.info("%s: %s", model, describe_quantization(len(prompt_cache), kept, label))
 
 
-def describe_quantization(n_layers: int, kept: dict[int, str], bits: int) -> str:
+def layer_format(settings, kv_bits: int) -> tuple[int, dict]:
+    """The keys' width and the format beyond it: the process's --kv-key-bits,
+    --kv-value-bits and --kv-rotate, each defaulting to the call's kv_bits."""
+    bits = settings.kv_key_bits or kv_bits
+    fmt: dict[str, Any] = {}
+    if (settings.kv_value_bits or kv_bits) != bits:
+        fmt["value_bits"] = settings.kv_value_bits or kv_bits
+    if settings.kv_rotate is not None:
+        fmt["rotate"] = settings.kv_rotate
+    return bits, fmt
+
+
+def describe_quantization(n_layers: int, kept: dict[int, str], bits: int | str) -> str:
     """`kv_bits=8 quantizes layers 0,1,4; keeps 2,3 (recurrent state, constant size)`."""
     quantized = ",".join(str(i) for i in range(n_layers) if i not in kept)
     by_reason: dict[str, list[str]] = {}

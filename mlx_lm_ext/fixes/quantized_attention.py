@@ -27,13 +27,15 @@ import mlx.core as mx
 from mlx_lm.models import base
 
 from .. import kernels
+from ..caches import kv_format
 from ..capability import strided_quantized_matmul
 from .base import Fix, Patcher
 
 
 class QuantizedOperands(NamedTuple):
     """What attention reads from a quantized cache: the (data, scales, biases) triples of
-    keys and values, how they were quantized, the rows to attend to where the buffers
+    keys and values, how they were quantized (`bits`: the keys' width, `value_bits`: the
+    values' where it differs), the rows to attend to where the buffers
     hold more (`length`, None: all), and the 16-bit rows after them (`tail`, see
     fixes/quantized_decode_tail.py; anything with key_buffer, value_buffer, rows, keys,
     values and decline())."""
@@ -44,6 +46,11 @@ class QuantizedOperands(NamedTuple):
     bits: int
     length: int | None = None
     tail: Any = None
+    value_bits: int | None = None
+
+    @property
+    def vbits(self) -> int:
+        return self.value_bits or self.bits
 
 
 def quantized_attention(
@@ -70,7 +77,7 @@ def quantized_attention(
         out = _flash(queries, ops, scale, mask, sinks)
         if out is not None:
             return out
-    if kernels_on and not kernels.supports(n_repeats * L, D, bits, group_size):
+    if kernels_on and not kernels.supports(n_repeats * L, D, bits, group_size, ops.vbits):
         return dequantized_attention(queries, ops, scale, mask, sinks)
     queries = mx.reshape(_float32(queries) * scale, (B, n_kv_heads, n_repeats * L, D))
     if kernels_on:
@@ -95,10 +102,10 @@ def quantized_attention(
         probs = mx.pad(probs, [(0, 0)] * 4 + [(0, rows - length)])
     probs = mx.reshape(probs, (B, n_kv_heads, n_repeats * L, -1))
     if kernels_on:
-        out = kernels.weighted_sum(probs, ops.values, group_size, bits)
+        out = kernels.weighted_sum(probs, ops.values, group_size, ops.vbits)
     else:
         out = mx.quantized_matmul(
-            probs, *_float32_triple(ops.values), transpose=False, group_size=group_size, bits=bits
+            probs, *_float32_triple(ops.values), transpose=False, group_size=group_size, bits=ops.vbits
         )
     return mx.reshape(out, (B, n_q_heads, L, -1)).astype(dtype)
 
@@ -110,14 +117,24 @@ def _flash(queries, ops: QuantizedOperands, scale, mask, sinks):
     H = ops.keys[0].shape[-3]
     T = ops.length or ops.keys[0].shape[-2]
     n = 0 if ops.tail is None else ops.tail.rows
-    plan = kernels.flash_plan(n_q_heads // H, D, ops.bits, ops.group_size, B * H, T, n)
+    plan = kernels.flash_plan(n_q_heads // H, D, ops.bits, ops.group_size, B * H, T, n, ops.vbits)
     if plan is None:
         return None
     decode_mask = _decode_mask(mask, B, T + n)
     if decode_mask is False:
         return None
     return kernels.flash_decode(
-        queries, ops.keys, ops.values, scale, ops.group_size, ops.bits, T, decode_mask, sinks, ops.tail
+        queries,
+        ops.keys,
+        ops.values,
+        scale,
+        ops.group_size,
+        ops.bits,
+        T,
+        decode_mask,
+        sinks,
+        ops.tail,
+        ops.vbits,
     )
 
 
@@ -131,7 +148,8 @@ def dequantized_attention(
     quantized_matmul prefilled a 4K prompt of a Llama-3.1-8B shape at 95 tok/s against
     39K for 16 bits (benchmarks/kv_speed.py).
     """
-    k, v = (mx.dequantize(*t, group_size=ops.group_size, bits=ops.bits) for t in (ops.keys, ops.values))
+    k = mx.dequantize(*ops.keys, group_size=ops.group_size, bits=ops.bits)
+    v = mx.dequantize(*ops.values, group_size=ops.group_size, bits=ops.vbits)
     if ops.length is not None:
         k, v = k[..., : ops.length, :], v[..., : ops.length, :]
     k, v = k.astype(queries.dtype), v.astype(queries.dtype)
@@ -177,27 +195,41 @@ def _apply_mask(scores, mask):
     return scores + mask
 
 
-def packed_params(queries: mx.array, q_keys) -> tuple[int, int]:
-    """(group_size, bits) of a quantized (data, scales, biases) triple."""
+def packed_params(queries: mx.array, q_keys, q_values=None) -> tuple[int, int, int]:
+    """(group_size, key bits, value bits) of quantized (data, scales, biases) triples."""
     dim = queries.shape[-1]
-    return dim // q_keys[1].shape[-1], q_keys[0].shape[-1] * 32 // dim
+    group_size = dim // q_keys[1].shape[-1]
+    bits = q_keys[0].shape[-1] * 32 // dim
+    if q_values is None:
+        return group_size, bits, bits
+    return group_size, bits, q_values[0].shape[-1] * 32 // (q_values[1].shape[-1] * group_size)
 
 
 def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-    """mlx_lm.models.base.scaled_dot_product_attention for every quantized case."""
+    """mlx_lm.models.base.scaled_dot_product_attention for every quantized case.
+
+    A rotated cache (caches/kv_format.py) holds H·k: the queries are rotated with it, so
+    the scores are q·k; with rotated values the output is H·o, rotated back (H = H⁻¹).
+    """
     if hasattr(cache, "bits"):
-        group_size, bits = cache.group_size, cache.bits
+        group_size, bits, vbits = cache.group_size, cache.bits, kv_format.value_bits(cache)
+        rotate = kv_format.rotation(cache)
     elif isinstance(keys, (tuple, list)):  # shared from a quantized layer, no cache here
-        group_size, bits = packed_params(queries, keys)
+        group_size, bits, vbits = packed_params(queries, keys, values)
+        rotate = getattr(keys, "rotate", None)
     else:
         original = FIX.original(base, "scaled_dot_product_attention")
         return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+    if rotate is not None:
+        queries = kv_format.hadamard(queries)
     tail = getattr(keys, "tail", None)  # 16-bit rows after the quantized ones (decode tail)
     if tail is not None:
-        views = QuantizedOperands(keys, values, group_size, bits, tail=tail)
-        return _tail_attention(queries, views, cache, scale, mask, sinks)
-    ops = operands(keys, values, cache, group_size, bits)
-    return quantized_attention(queries, ops, scale, mask, sinks)
+        views = QuantizedOperands(keys, values, group_size, bits, tail=tail, value_bits=vbits)
+        out = _tail_attention(queries, views, cache, scale, mask, sinks)
+    else:
+        ops = operands(keys, values, cache, group_size, bits)._replace(value_bits=vbits)
+        out = quantized_attention(queries, ops, scale, mask, sinks)
+    return kv_format.hadamard(out) if rotate == "all" else out
 
 
 def _tail_attention(queries, views: QuantizedOperands, cache, scale, mask, sinks):
@@ -216,7 +248,8 @@ def _tail_attention(queries, views: QuantizedOperands, cache, scale, mask, sinks
     if kernels_on:
         views.tail.decline()
     ops = operands(views.keys, views.values, cache, views.group_size, views.bits)
-    return dequantized_attention(queries, ops._replace(tail=views.tail), scale, mask, sinks)
+    ops = ops._replace(tail=views.tail, value_bits=views.value_bits)
+    return dequantized_attention(queries, ops, scale, mask, sinks)
 
 
 def operands(keys, values, cache, group_size: int, bits: int) -> QuantizedOperands:

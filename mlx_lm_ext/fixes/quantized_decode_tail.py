@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 
 from .. import kernels
+from ..caches import kv_format
 from . import quantized_attention
 from .base import Fix, Patcher
 
@@ -74,10 +75,11 @@ class Pending(tuple):
     """A quantized (data, scales, biases) triple of views and the rows after them."""
 
     tail: Tail
+    rotate: str | None
 
-    def __new__(cls, triple, tail: Tail) -> Pending:
+    def __new__(cls, triple, tail: Tail, rotate: str | None = None) -> Pending:
         rows = super().__new__(cls, triple)
-        rows.tail = tail
+        rows.tail, rows.rotate = tail, rotate
         return rows
 
 
@@ -95,7 +97,11 @@ def flush(cache: Any) -> None:
     cache._pending = 0
     k, v = cache._tail
     cache.offset -= n
-    _upstream("update_and_fetch")(cache, k[..., :n, :], v[..., :n, :])
+    rows = k[..., :n, :], v[..., :n, :]
+    if kv_format.rotation(cache) is not None:  # the tail holds rows rotated already
+        cache.store_rows(*rows)
+    else:
+        _upstream("update_and_fetch")(cache, *rows)
 
 
 def update_and_fetch(self, keys: mx.array, values: mx.array):
@@ -116,6 +122,7 @@ def update_and_fetch(self, keys: mx.array, values: mx.array):
             mx.zeros((*shape, values.shape[3]), values.dtype),
         )
         FIX.state.setdefault("live", weakref.WeakSet()).add(self)
+    keys, values = kv_format.rotate_in(self, keys, values)  # as the quantized rows are
     tail[0][..., n : n + 1, :] = keys
     tail[1][..., n : n + 1, :] = values
     self._pending = n + 1
@@ -127,7 +134,8 @@ def _fetch(cache: Any) -> tuple[Pending, Pending]:
     n = cache._pending
     ks, vs = _quantized_views(cache, cache.offset - n)
     tail = Tail(*cache._tail, n, weakref.ref(cache))
-    return Pending(ks, tail), Pending(vs, tail)
+    rotate = kv_format.rotation(cache)
+    return Pending(ks, tail, rotate), Pending(vs, tail, rotate)
 
 
 def _quantized_views(cache: Any, rows: int) -> tuple[tuple, tuple]:

@@ -1,10 +1,11 @@
 // Body of `flash`: one-launch flash decoding over a quantized cache (see plan.py).
-// Its constants (R, D, BITS, GS, VPL, WARPS, SMEM, U, SCALE, HAS_*, OutT) are written
+// Its constants (R, D, BITS (keys), VBITS (values), GS, VPL, WARPS, SMEM, U, SCALE, HAS_*, OutT) are written
 // before it by plan.flash_source; MLX's cuda_kernel wraps it in a __global__ function.
 // -- compiled from here (the lines above are not part of the kernel source) --
     constexpr int LPR = D / VPL;
     constexpr int TS = 32 / LPR;
-    constexpr int NW = VPL * BITS / 32;
+    constexpr int NW = VPL * BITS / 32;  // packed words a lane reads of a key row
+    constexpr int NWV = VPL * VBITS / 32;  // ... of a value row
     constexpr int STEP = WARPS * TS;
     constexpr int CH = SMEM / R;  // the most rows a chunk has: its scores fill sm
     __shared__ float sm[SMEM];
@@ -41,7 +42,7 @@
     // This chunk's rows: row j of an array x is at x + at(x_strides, ...) + j * x_strides[2].
     const int t_q = in_tail ? 0 : t_begin;
     const unsigned int* k_w = kw + at(kw_strides, b, h, t_q) + part * NW;
-    const unsigned int* v_w = vw + at(vw_strides, b, h, t_q) + part * NW;
+    const unsigned int* v_w = vw + at(vw_strides, b, h, t_q) + part * NWV;
     const auto* k_s = ks + at(ks_strides, b, h, t_q) + g;
     const auto* k_b = kb + at(kb_strides, b, h, t_q) + g;
     const auto* v_s = vs + at(vs_strides, b, h, t_q) + g;
@@ -157,17 +158,17 @@
             }
         }
     } else for (int j0 = wib * TS + slot; j0 - slot < rows; j0 += STEP * U) {
-        unsigned int w[U][NW];
+        unsigned int w[U][NWV];
         float s_[U], b_[U];
-        load_rows<U, NW, STEP>(w, s_, b_, v_w, v_s, v_b, vw_strides, vs_strides, vb_strides, j0, rows);
+        load_rows<U, NWV, STEP>(w, s_, b_, v_w, v_s, v_b, vw_strides, vs_strides, vb_strides, j0, rows);
         #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int j = j0 + u * STEP;
             float vf[VPL];
             #pragma unroll
-            for (int x = 0; x < NW; ++x) {
+            for (int x = 0; x < NWV; ++x) {
                 #pragma unroll
-                for (int e = 0; e < 32 / BITS; ++e) vf[x * (32 / BITS) + e] = packed<BITS>(w[u][x], e);
+                for (int e = 0; e < 32 / VBITS; ++e) vf[x * (32 / VBITS) + e] = packed<VBITS>(w[u][x], e);
             }
             #pragma unroll
             for (int r = 0; r < R; ++r) {

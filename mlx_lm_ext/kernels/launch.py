@@ -53,7 +53,7 @@ def _kernel(name: str) -> object:
 
 
 @functools.cache
-def _flash_kernel(R, D, bits, group_size, per_lane, warps, scale, flags, dtype) -> object:
+def _flash_kernel(R, D, bits, value_bits, group_size, per_lane, warps, scale, flags, dtype) -> object:
     """The flash kernel with its constants written into its source: a call then passes
     no template (converting and hashing one costs a few us a layer a step)."""
     has_mask, has_sinks, has_tail = flags
@@ -61,6 +61,7 @@ def _flash_kernel(R, D, bits, group_size, per_lane, warps, scale, flags, dtype) 
         *plan.template(
             R, D, bits, group_size, VPL=per_lane, WARPS=warps, SMEM=plan.FLASH_SMEM, U=plan.FLASH_UNROLL
         ),
+        ("VBITS", value_bits),
         ("SCALE", struct.unpack("i", struct.pack("f", scale))[0]),
         ("HAS_MASK", has_mask),
         ("HAS_SINKS", has_sinks),
@@ -97,6 +98,7 @@ def flash_decode(
     mask: mx.array | None = None,
     sinks: mx.array | None = None,
     tail: TailRows | None = None,
+    value_bits: int | None = None,
 ) -> mx.array:
     """softmax(scale·q·kᵀ + mask, sinks)·v for one query per head, queries (B, H·R, 1, D)
     (any float dtype, the output's; R query heads per KV head), over the first `length`
@@ -104,14 +106,16 @@ def flash_decode(
     `rows` rows of 16-bit buffers (B, H, T_tail, D) not quantized yet (the decode tail,
     fixes/quantized_decode_tail.py; any object with these three fields). `mask`: None or additive
     float32 (B or 1, length + n); `sinks`: (H·R,) logits, or None. The shape must have a
-    `flash_plan`. One kernel launch (and a slice where the keys hold more than `length`
+    `flash_plan`. `bits`: the keys' width; `value_bits`: the values' (default: the
+    same). One kernel launch (and a slice where the keys hold more than `length`
     rows): no reshapes, casts, second pass or parameter upload as separate ops, which on
     MLX's CUDA backend cost more per layer than the kernel at 4K tokens (each ~7-10 us of
     dispatch; the kernel reads its sizes from the arrays' shapes and strides instead)."""
     B, H = q_keys[0].shape[:2]
     n = 0 if tail is None else tail.rows
     flags = (mask is not None, sinks is not None, tail is not None)
-    kernel, spec = _flash_call(queries.shape, queries.dtype, B, H, bits, group_size, length, scale, flags)
+    widths = (bits, value_bits or bits)
+    kernel, spec = _flash_call(queries.shape, queries.dtype, B, H, widths, group_size, length, scale, flags)
     out, _, _COUNTERS[B * H] = kernel(
         inputs=[
             queries,
@@ -130,14 +134,15 @@ def flash_decode(
 
 
 @functools.lru_cache(maxsize=256)
-def _flash_call(q_shape, dtype, B, H, bits, group_size, length, scale, flags) -> tuple:
+def _flash_call(q_shape, dtype, B, H, widths, group_size, length, scale, flags) -> tuple:
     """The kernel for a shape and its call's arguments but the inputs, made once: a decode
     step asks for them every layer, and with a tail they change once a block (64 steps);
     without one the length changes every step, and only the grid is made again."""
     R, D = q_shape[1] // H, q_shape[-1]
-    per_lane, warps, C = plan.flash_plan(R, D, bits, group_size, B * H, length, int(flags[2]))
+    bits, value_bits = widths
+    per_lane, warps, C = plan.flash_plan(R, D, bits, group_size, B * H, length, int(flags[2]), value_bits)
     C += 1 if flags[2] else 0
-    return _flash_kernel(R, D, bits, group_size, per_lane, warps, scale, flags, dtype), {
+    return _flash_kernel(R, D, bits, value_bits, group_size, per_lane, warps, scale, flags, dtype), {
         "grid": (B * H * C * warps * 32, 1, 1),
         "threadgroup": (warps * 32, 1, 1),
         "output_shapes": [q_shape, (B * H * C * R * (D + 2),), (B * H,)],
@@ -232,8 +237,11 @@ def _probe(device: str) -> bool:
     return True
 
 
-def exact_attention(q: mx.array, qk, qv, group_size: int, bits: int) -> mx.array:
+def exact_attention(
+    q: mx.array, qk, qv, group_size: int, bits: int, value_bits: int | None = None
+) -> mx.array:
     """softmax(q·kᵀ)·v by elementwise products and sums: no TF32 matmul rounds it (~1e-2)."""
-    dk, dv = (mx.dequantize(*t, group_size=group_size, bits=bits).astype(mx.float32) for t in (qk, qv))
+    dk = mx.dequantize(*qk, group_size=group_size, bits=bits).astype(mx.float32)
+    dv = mx.dequantize(*qv, group_size=group_size, bits=value_bits or bits).astype(mx.float32)
     s = (q[..., :, None, :] * dk[..., None, :, :]).sum(-1)
     return (mx.softmax(s, axis=-1)[..., None] * dv[..., None, :, :]).sum(-2)

@@ -23,6 +23,7 @@ FLASH_REGISTERS = 64  # query rows x dims per lane: the queries, then the output
 FLASH_BLOCK_WARPS = 8  # warps a block, merged in shared memory
 FLASH_SMEM = 8192  # floats of shared memory a block: a chunk's scores, then partial sums
 FLASH_UNROLL = 4  # rows each lane loads before computing on any
+PACKED_WHOLE = {2, 4, 8}  # widths whose values never straddle a 32-bit word
 
 _BODY_MARK = "// -- compiled from here (the lines above are not part of the kernel source) --\n"
 CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
@@ -63,11 +64,12 @@ def template(rows: int, dim: int, bits: int, group_size: int, **extra: int) -> l
     return [("R", rows), ("D", dim), ("BITS", bits), ("GS", group_size), *extra.items()]
 
 
-def supports(rows: int, dim: int, bits: int, group_size: int) -> bool:
-    """Shapes `scores` and `weighted_sum` handle: whole bytes per lane, rows x dims per
-    lane in registers (`flash_split` says which one-query shapes `flash_decode` takes)."""
+def supports(rows: int, dim: int, bits: int, group_size: int, value_bits: int | None = None) -> bool:
+    """Shapes `scores` (key bits) and `weighted_sum` (value bits) handle: whole bytes per
+    lane, rows x dims per lane in registers (`flash_split` says which one-query shapes
+    `flash_decode` takes)."""
     return (
-        bits in (2, 4, 8)
+        {bits, value_bits or bits} <= PACKED_WHOLE
         and dim % 32 == 0
         and group_size % max(dim // 32, 1) == 0
         and rows * (dim // 32) <= MAX_ACCUMULATORS
@@ -75,17 +77,22 @@ def supports(rows: int, dim: int, bits: int, group_size: int) -> bool:
 
 
 @functools.cache
-def flash_split(rows: int, dim: int, bits: int, group_size: int) -> int | None:
+def flash_split(rows: int, dim: int, bits: int, group_size: int, value_bits: int | None = None) -> int | None:
     """Dims per lane for `flash_decode` (16, 8 or 4: fewer where more query rows share a
-    KV head, to stay in registers), or None where the shape has no split. Remembered:
-    each decode step asks it for every layer."""
+    KV head, to stay in registers), or None where the shape has no split. Key and value
+    widths must each pack whole values into 32-bit words (2, 4, 8: a 6-bit row packs
+    values across words, which the kernel's reads do not follow). Remembered: each
+    decode step asks it for every layer."""
+    widths = (bits, value_bits or bits)
+    if not set(widths) <= PACKED_WHOLE:
+        return None
     for per_lane in (16, 8, 4):
         lanes = dim // per_lane
         if (
             rows * per_lane <= FLASH_REGISTERS
             and dim % per_lane == 0
             and group_size % per_lane == 0
-            and per_lane * bits % 32 == 0
+            and all(per_lane * w % 32 == 0 for w in widths)
             and lanes <= 32
             and 32 % lanes == 0
             and rows * dim <= FLASH_SMEM
@@ -108,21 +115,40 @@ def flash_chunks(batch_heads: int, length: int, rows: int, step: int, extra: int
     return chunks if (chunks + extra) * rows <= FLASH_SMEM else None
 
 
-def flash_plan(rows: int, dim: int, bits: int, group_size: int, batch_heads: int, length: int, tail: int = 0):
+def flash_plan(
+    rows: int,
+    dim: int,
+    bits: int,
+    group_size: int,
+    batch_heads: int,
+    length: int,
+    tail: int = 0,
+    value_bits: int | None = None,
+):
     """(dims a lane, warps a block, chunks a KV head over the quantized rows) for
     `flash_decode`, or None where the shape has no `flash_split` or the length is past
     what a block's merge holds. `tail`: rows of a 16-bit tail, one chunk more (its scores
-    must fit a block's shared memory)."""
+    must fit a block's shared memory). `value_bits`: the values' width where it is not
+    the keys'."""
     if tail * rows > FLASH_SMEM:
         return None
-    return _plan(rows, dim, bits, group_size, batch_heads, length, tail > 0)
+    return _plan(rows, dim, bits, value_bits or bits, group_size, batch_heads, length, tail > 0)
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(rows: int, dim: int, bits: int, group_size: int, batch_heads: int, length: int, tail: bool):
+def _plan(
+    rows: int,
+    dim: int,
+    bits: int,
+    value_bits: int,
+    group_size: int,
+    batch_heads: int,
+    length: int,
+    tail: bool,
+):
     """`flash_plan` for a shape: remembered, as the quantized rows a layer reads change
     once a tail's block (64 steps) and every layer of a model shares them."""
-    per_lane = flash_split(rows, dim, bits, group_size)
+    per_lane = flash_split(rows, dim, bits, group_size, value_bits)
     if per_lane is None:
         return None
     warps = max(1, min(FLASH_BLOCK_WARPS, FLASH_SMEM // (rows * dim)))  # partial sums fit

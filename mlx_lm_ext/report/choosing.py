@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,8 @@ def _bar(total: int, desc: str):
 def quality(model: Any, tokens: list[int], layers: list[LayerKV], args: Any) -> list[figures.Row]:
     """Our settings' rows at every length (see kv_quality)."""
     has_sliding = any(lay.kind == "sliding" for lay in layers)
-    attribution = [b for b in args.per_layer_bits if b in args.bits_list]
-    choices = kv_quality.choices_for(args.bits_list, args.groups, attribution, has_sliding)
+    attribution = [b for b in args.per_layer_bits if (b, b) in args.bits_list]
+    choices = kv_quality.choices_for(args.bits_list, args.groups, attribution, has_sliding, args.rotate)
     with _bar((len(choices) + 1) * max(args.lengths), "quality") as bar:
         scores = kv_quality.lockstep(model, tokens, choices, args.lengths, args.window, progress=bar.update)
     rows = []
@@ -63,12 +63,13 @@ def quality(model: Any, tokens: list[int], layers: list[LayerKV], args: Any) -> 
         for s in per_context:
             held = figures.cache_bytes(layers, s.context, _bits_of(choice, len(layers)), choice.group)
             full = figures.cache_bytes(layers, s.context, lambda i, sl: None, 64)
-            rows.append(_row("mlx-lm-ext", choice.label, choice.bits, s, held, full))
+            row = _row("mlx-lm-ext", choice.label, choice.bits, s, held, full)
+            rows.append(replace(row, value_bits=choice.value_bits, rotate=choice.rotate))
     return rows
 
 
 def _bits_of(choice: kv_quality.Choice, n_layers: int):
-    return lambda i, sliding: choice.bits if choice.quantizes(i, n_layers, sliding) else None
+    return lambda i, sliding: choice.widths if choice.quantizes(i, n_layers, sliding) else None
 
 
 def _row(source: str, label: str, bits, s: kv_quality.Scores, held: float, full: float) -> figures.Row:
@@ -97,8 +98,13 @@ def llamacpp_rows(gguf: Path, tokens: list[int], layers: list[LayerKV], args: An
 
 
 def recall(model: Any, tokenizer: Any, text: str, args: Any) -> dict[str, list[passkey.Cell]]:
-    """Pass key recall at 16 bits and each bit width (group --kv-group-size)."""
-    choices = [kv_quality.Choice(None)] + [kv_quality.Choice(b, args.kv_group_size) for b in args.bits_list]
+    """Pass key recall at 16 bits and each width, rotated as --rotate asks (group
+    --kv-group-size)."""
+    choices = [kv_quality.Choice(None)] + [
+        kv_quality.Choice(k, args.kv_group_size, value_bits=None if v == k else v, rotate=r)
+        for k, v in args.bits_list
+        for r in (None, *args.rotate)
+    ]
     total = len(choices) * len(args.recall_lengths) * len(args.depths) * args.keys
     from tqdm import tqdm
 

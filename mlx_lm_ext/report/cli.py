@@ -23,7 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlx_lm_ext.report", description=memory.__doc__.split("\n")[0])
     p.add_argument("--model", help="models.yaml id, hub repo id or model folder")
     p.add_argument("--context", type=int, default=131072, help="tokens in the cache (default 131072)")
-    p.add_argument("--bits", default="8,4", help="quantized precisions to compare (default 8,4)")
+    p.add_argument(
+        "--bits",
+        default="8,4",
+        help="quantized precisions to compare, K<k>V<v> for key and value bits apart (default 8,4)",
+    )
     p.add_argument("--kv-group-size", type=int, default=64, choices=ALLOWED_GROUP_SIZES)
     p.add_argument("--max-kv-size", type=int, default=None, help="bound every layer as the server flag does")
     p.add_argument("--offline", action="store_true", help="a models.yaml id's offline stand-in")
@@ -51,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--per-layer-bits", type=_ints, default=[4], help="quality: bits also run per layer kind (default 4)"
     )
+    q.add_argument(
+        "--rotate",
+        type=_rotations,
+        default=[],
+        help="quality, recall: also run each width rotated: keys, all (keys and values), or keys,all",
+    )
     q.add_argument("--window", type=int, default=256, help="quality: positions scored before each length")
     q.add_argument("--recall-lengths", type=_ints, default=[1024, 2048], help="recall: prompt lengths")
     q.add_argument("--depths", type=_ints, default=[0, 25, 50, 75, 100], help="recall: needle depths in %%")
@@ -69,6 +79,27 @@ def _ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+
+
+def _widths(parser: argparse.ArgumentParser, text: str) -> list:
+    """--bits as widths (ints, or (key, value) pairs); exit 2 naming a bad one."""
+    allowed = ", ".join(map(str, ALLOWED_BITS))
+    try:
+        widths = memory.parse_widths(text)
+    except ValueError as exc:
+        parser.error(f"--bits {exc}: expected bits ({allowed}) or K<bits>V<bits>, e.g. K8V4")
+    for w in widths:
+        if not set((w, w) if isinstance(w, int) else w) <= set(ALLOWED_BITS):
+            label = str(w) if isinstance(w, int) else "K{}V{}".format(*w)
+            parser.error(f"--bits {label}: must be one of {allowed}")
+    return widths
+
+
+def _rotations(text: str) -> list[str]:
+    got = [x for x in text.split(",") if x]
+    if bad := [x for x in got if x not in ("keys", "all")]:
+        raise argparse.ArgumentTypeError(f"{bad[0]!r}: rotate keys or all")
+    return got
 
 
 def _measures(text: str) -> set[str]:
@@ -91,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.model:
         parser.error("the following arguments are required: --model")
-    bits = [int(b) for b in args.bits.split(",") if b]
-    if bad := [b for b in bits if b not in ALLOWED_BITS]:
-        parser.error(f"--bits {bad[0]}: must be one of {', '.join(map(str, ALLOWED_BITS))}")
+    bits = _widths(parser, args.bits)
+    if args.measure == {"speed"} and any(not isinstance(b, int) for b in bits):
+        parser.error("--measure speed runs one width for keys and values; K<k>V<v> runs under quality,recall")
     if args.context <= 0 or (args.max_kv_size is not None and args.max_kv_size <= 0):
         parser.error("--context and --max-kv-size must be positive token counts")
     if args.points <= 0 or args.decode_tokens <= 0:
@@ -131,7 +162,7 @@ def _choosing(parser: argparse.ArgumentParser, args: argparse.Namespace, bits: l
     """--measure quality,recall: checked before the weights load, then choosing.run."""
     from . import choosing
 
-    args.bits_list = bits
+    args.bits_list = [(b, b) if isinstance(b, int) else b for b in bits]
     args.groups = args.groups or [args.kv_group_size]
     if bad := [g for g in args.groups if g not in ALLOWED_GROUP_SIZES]:
         parser.error(f"--groups {bad[0]}: must be one of {', '.join(map(str, ALLOWED_GROUP_SIZES))}")
@@ -146,6 +177,10 @@ def _choosing(parser: argparse.ArgumentParser, args: argparse.Namespace, bits: l
     dims = head_dims(config)
     if bad := [g for g in args.groups if any(d % g for d in dims)]:
         parser.error(f"--groups {bad[0]}: does not divide the head dim(s) {sorted(dims)} of {name}")
+    if args.rotate and any(d & (d - 1) for d in dims):
+        parser.error(
+            f"--rotate: the Hadamard rotation needs power-of-two head dims; {name} has {sorted(dims)}"
+        )
     layers = memory.trace_layout(config)
     args.out = args.out or Path(f"kv-report-{Path(args.model).name}")
     choosing.run(args, name, memory.model_source(args.model, args.offline)[1], layers)

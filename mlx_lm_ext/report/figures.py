@@ -26,6 +26,17 @@ class Row(Scores):
     bits: int | None = None
     bytes_per_token: float = 0.0
     ratio: float = 0.0  # bytes against the 16-bit cache at this context
+    value_bits: int | None = None  # where keys and values differ (bits: the keys')
+    rotate: str | None = None  # "keys" or "all" where rotated
+
+    @property
+    def kind(self) -> str:
+        """How the plot groups it: llama.cpp, uniform, K/V split, or rotated."""
+        if self.source != "mlx-lm-ext":
+            return self.source
+        if self.rotate is not None:
+            return "rotated"
+        return "uniform" if self.value_bits in (None, self.bits) else "K/V split"
 
 
 def cache_bytes(layers: Sequence[LayerKV], context: int, per_layer_bits, group: int) -> int:
@@ -99,20 +110,35 @@ def recall_markdown(model: str, cells: dict[str, list]) -> str:
     return "\n".join(lines)
 
 
+KIND_MARKERS = {"uniform": "o", "K/V split": "^", "rotated": "D", "llama.cpp": "s"}
+
+
 def plot_front(rows: Sequence[Row], path: Path, title: str) -> None:
-    """KL mean against bytes per token, one point per setting, the Pareto front marked."""
+    """KL mean against bytes per token, one point per setting (marked by kind: uniform
+    bits, keys and values apart, rotated, llama.cpp), with two Pareto fronts: uniform bits
+    alone, and every setting."""
     plt = _pyplot()
     contexts = sorted({r.context for r in rows})
     fig, axes = plt.subplots(1, len(contexts), figsize=(6 * len(contexts), 5), squeeze=False)
     for ax, context in zip(axes[0], contexts, strict=True):
         mine = [r for r in rows if r.context == context and r.kl_mean > 0]
-        for source, marker in (("mlx-lm-ext", "o"), ("llama.cpp", "s")):
-            pts = [r for r in mine if r.source == source]
-            ax.scatter(
-                [r.bytes_per_token for r in pts], [r.kl_mean for r in pts], marker=marker, label=source
-            )
+        for kind, marker in KIND_MARKERS.items():
+            pts = [r for r in mine if r.kind == kind]
+            if not pts:
+                continue
+            ax.scatter([r.bytes_per_token for r in pts], [r.kl_mean for r in pts], marker=marker, label=kind)
             for r in pts:
                 ax.annotate(r.label.replace("llama.cpp ", ""), (r.bytes_per_token, r.kl_mean), fontsize=6)
+        uniform = pareto([r for r in mine if r.kind == "uniform"])
+        if any(r.kind in ("K/V split", "rotated") for r in mine):
+            ax.plot(
+                [r.bytes_per_token for r in uniform],
+                [r.kl_mean for r in uniform],
+                ":",
+                color="grey",
+                lw=1,
+                label="front, uniform bits",
+            )
         front = pareto(mine)
         ax.plot(
             [r.bytes_per_token for r in front], [r.kl_mean for r in front], "k--", lw=1, label="Pareto front"

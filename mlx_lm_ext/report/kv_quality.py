@@ -34,6 +34,8 @@ LAYER_SETS = ("all", "sliding", "global", "early", "late")
 class Choice:
     """One KV setting: bits and group, and which layers it quantizes.
 
+    `bits` is the keys' width and the values' unless `value_bits` is set (the server's
+    `--kv-key-bits/--kv-value-bits`); `rotate` is `--kv-rotate` (None, "keys", "all").
     `layers` picks the quantized layers for attribution: all of them (what `--kv-bits`
     does), only the sliding-window or only the full-attention ones, or only the first or
     second half of the stack. `keep_sliding` is the server's `--keep-sliding-kv`.
@@ -43,12 +45,31 @@ class Choice:
     group: int = 64
     layers: str = "all"
     keep_sliding: bool = False
+    value_bits: int | None = None
+    rotate: str | None = None
+
+    @property
+    def widths(self) -> tuple[int, int] | None:
+        """(key bits, value bits), or None at 16 bits."""
+        return None if self.bits is None else (self.bits, self.value_bits or self.bits)
+
+    @property
+    def fmt(self) -> dict[str, Any]:
+        """What `to_quantized` takes beyond group and bits (empty: uniform, unrotated)."""
+        out: dict[str, Any] = {}
+        if self.value_bits not in (None, self.bits):
+            out["value_bits"] = self.value_bits
+        if self.rotate is not None:
+            out["rotate"] = self.rotate
+        return out
 
     @property
     def label(self) -> str:
         if self.bits is None:
             return "16-bit"
-        out = f"{self.bits}-bit g{self.group}"
+        key, value = self.widths
+        out = f"{key}-bit g{self.group}" if key == value else f"K{key}V{value} g{self.group}"
+        out += {None: "", "keys": " rot", "all": " rot-kv"}[self.rotate]
         if self.keep_sliding:
             out += " keep-sliding"
         if self.layers != "all":
@@ -107,7 +128,7 @@ def quantize(cache: list[Any], choice: Choice) -> None:
 
     for i, c in enumerate(cache):
         if choice.quantizes(i, len(cache), _sliding(c)):
-            cache[i], _, _ = quantize_layer(c, 0, choice.group, choice.bits, sliding=True)
+            cache[i], _, _ = quantize_layer(c, 0, choice.group, choice.bits, sliding=True, fmt=choice.fmt)
 
 
 def _forward(model: Any, ids: list[int], cache: list[Any], scored: bool) -> mx.array | None:
@@ -197,15 +218,24 @@ def _windows(ref_rows: list[mx.array], rows: list[mx.array], spans: list[tuple[i
 
 
 def choices_for(
-    bits: Sequence[int], groups: Sequence[int], attribution_bits: Sequence[int], has_sliding: bool
+    widths: Sequence[tuple[int, int]],
+    groups: Sequence[int],
+    attribution_bits: Sequence[int],
+    has_sliding: bool,
+    rotations: Sequence[str] = (),
 ):
-    """The sweep's settings: every bits x group on all layers; Gemma's sliding layers kept
-    too (which is also "only the global layers"); and per layer kind (only the sliding
-    ones where the model has them, only the early or late half) at `attribution_bits`,
-    group 64."""
-    out = [Choice(b, g) for b in bits for g in groups]
+    """The sweep's settings: every (key, value) width x group on all layers, and each
+    rotated as `rotations` asks; Gemma's sliding layers kept too (which is also "only the
+    global layers"); and per layer kind (only the sliding ones where the model has them,
+    only the early or late half) at `attribution_bits`, group 64."""
+    out = [
+        Choice(k, g, value_bits=None if v == k else v, rotate=r)
+        for k, v in widths
+        for g in groups
+        for r in (None, *rotations)
+    ]
     if has_sliding:
-        out += [Choice(b, g, keep_sliding=True) for b in bits for g in groups]
+        out += [Choice(k, g, keep_sliding=True) for k, v in widths if k == v for g in groups]
     kinds = ("sliding", "early", "late") if has_sliding else ("early", "late")
     out += [Choice(b, 64, layers=k) for b in attribution_bits for k in kinds]
     return out

@@ -12,6 +12,7 @@ evaluating anything. Bytes follow from those shapes exactly as the caches store 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,14 @@ class LayerKV:
         held = context if self.window is None else min(context, self.window)
         return held if bound is None else min(held, bound)
 
-    def row_bytes(self, bits: int | None, group_size: int) -> int:
-        """Bytes of one token's keys and values in this layer."""
+    def row_bytes(self, bits: int | tuple[int, int] | None, group_size: int) -> int:
+        """Bytes of one token's keys and values in this layer; `bits`: one width, or
+        (key bits, value bits)."""
         if bits is None:
             return self.dtype_bytes * self.kv_heads * (self.k_dim + self.v_dim)
-        per_dim = [d * bits // 8 + d // group_size * 2 * self.dtype_bytes for d in (self.k_dim, self.v_dim)]
+        key, value = (bits, bits) if isinstance(bits, int) else bits
+        groups = 2 * self.dtype_bytes  # a scale and a bias per group
+        per_dim = [d * b // 8 + d // group_size * groups for d, b in ((self.k_dim, key), (self.v_dim, value))]
         return self.kv_heads * sum(per_dim)
 
 
@@ -99,8 +103,9 @@ def kv_bytes(
     return sum(lay.tokens(context, bound) * lay.row_bytes(bits, group_size) for lay in attention)
 
 
-def table(layers: list[LayerKV], context: int, bits: list[int], group_size: int, bound=None) -> list[dict]:
-    """Rows of the report: precision, attention KV bytes, recurrent state, ratio to 16-bit."""
+def table(layers: list[LayerKV], context: int, bits: list, group_size: int, bound=None) -> list[dict]:
+    """Rows of the report: precision, attention KV bytes, recurrent state, ratio to 16-bit.
+    `bits`: widths, each one int or (key bits, value bits)."""
     state = sum(lay.state_bytes for lay in layers)
     fp16 = kv_bytes(layers, context, None, group_size, bound)
     rows = []
@@ -110,13 +115,34 @@ def table(layers: list[LayerKV], context: int, bits: list[int], group_size: int,
             {
                 "precision": f"{_unquantized_bits(layers)}-bit"
                 if b is None
-                else f"{b}-bit (group {group_size})",
+                else f"{width_label(b)} (group {group_size})",
                 "kv_bytes": kv,
                 "recurrent_bytes": state,
                 "ratio": None if kv is None or not fp16 else kv / fp16,
             }
         )
     return rows
+
+
+def width_label(bits: int | tuple[int, int]) -> str:
+    """`8-bit`, or `K8V4` where keys and values differ."""
+    key, value = (bits, bits) if isinstance(bits, int) else bits
+    return f"{key}-bit" if key == value else f"K{key}V{value}"
+
+
+def parse_widths(text: str) -> list[int | tuple[int, int]]:
+    """`8,4,K8V4` -> [8, 4, (8, 4)]: the report's --bits (ValueError names a bad item)."""
+    out: list[int | tuple[int, int]] = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        match = re.fullmatch(r"[kK](\d+)[vV](\d+)", item)
+        if match:
+            key, value = int(match[1]), int(match[2])
+            out.append(key if key == value else (key, value))
+        elif item.isdigit():
+            out.append(int(item))
+        else:
+            raise ValueError(item)
+    return out
 
 
 def _unquantized_bits(layers: list[LayerKV]) -> int:
