@@ -1,8 +1,10 @@
 """The figures users choose --kv-bits by, as tests on the real models (CPU tier).
 
 Quality: teacher-forced on English prose (report/kv_quality.py), KL(16-bit || quantized)
-at 8 and 4 bits, each at most its measured figure times MARGIN (models.yaml
-`real.choose.quality`, with the measurement beside it). Recall: pass keys hidden in prose
+at 8 and 4 bits, and where measured at 8-bit keys with 4-bit values (K8V4) and 4 bits
+with rotated keys (4rot), each at most its measured figure times MARGIN (models.yaml
+`real.choose.quality`, with the measurement beside it); K8V4 under half the KL of 4 bits
+and 4rot at most a third of it (issue #22's goals, met on both models). Recall: pass keys hidden in prose
 (report/passkey.py); 16-bit must reach its measured count (else the comparison says
 nothing), 8-bit must answer within one key of 16-bit, 4-bit at least its own measured
 count. By default one length with few keys; under -m slow, 20 keys (4 at each of 5
@@ -19,6 +21,9 @@ from mlx_lm_ext.report.quality import prose
 
 MARGIN = 1.5  # bound = measured x MARGIN: room for the summation-order noise between machines
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+# models.yaml's names for the key/value formats (--kv-key-bits 8 --kv-value-bits 4;
+# --kv-bits 4 --kv-rotate)
+FORMATS = {"K8V4": Choice(8, value_bits=4), "4rot": Choice(4, rotate="keys")}
 
 
 def _choose(real_entry) -> dict:
@@ -32,18 +37,26 @@ def test_quantized_kl_on_prose_is_within_its_measured_bound(real_entry, real_mod
     measured = _choose(real_entry)["quality"][length]
     model, tokenizer = real_model
     tokens = tokenizer.encode(prose(400))[: length + 1]
-    got = kv_quality.lockstep(model, tokens, [Choice(8), Choice(4)], [length], window=256)
-    eight, four = got[Choice(8)][0], got[Choice(4)][0]
-    for bits, s in ((8, eight), (4, four)):
-        record_property(f"kl_{bits}", s.kl_mean)
+    choices = {8: Choice(8), 4: Choice(4)}
+    choices.update({k: FORMATS[k] for k in FORMATS if k in measured})
+    got = kv_quality.lockstep(model, tokens, list(choices.values()), [length], window=256)
+    kl = {}
+    for name, choice in choices.items():
+        s = got[choice][0]
+        kl[name] = s.kl_mean
+        record_property(f"kl_{name}", s.kl_mean)
         print(
-            f"\n{real_entry.id} {length}: {bits}-bit KL mean {s.kl_mean:.2e} "
+            f"\n{real_entry.id} {length}: {choice.label} KL mean {s.kl_mean:.2e} "
             f"p99 {s.kl_p99:.2e} top-1 {s.top1:.3f}"
         )
-        assert s.kl_mean <= measured[bits] * MARGIN, (
-            f"{bits}-bit KL {s.kl_mean:.3e}, measured {measured[bits]:.3e}"
+        assert s.kl_mean <= measured[name] * MARGIN, (
+            f"{choice.label} KL {s.kl_mean:.3e}, measured {measured[name]:.3e}"
         )
-    assert eight.kl_mean < four.kl_mean / 10
+    assert kl[8] < kl[4] / 10
+    if "K8V4" in kl:
+        assert kl["K8V4"] < kl[4] / 2
+    if "4rot" in kl:
+        assert kl["4rot"] <= kl[4] / 3
 
 
 RECALL_CASES = [

@@ -20,10 +20,12 @@ pytestmark = [
 ]
 
 
-def _reference(q, qk, qv, scale, mask, sinks, group, bits, length, tail=None):
+def _reference(q, qk, qv, scale, mask, sinks, group, bits, length, tail=None, value_bits=None):
     """Attention by elementwise products and sums: exact in float32 (CUDA matmuls use TF32).
-    `tail`: (keys, values) 16-bit rows after the first `length` quantized ones."""
-    dk, dv = (mx.dequantize(*t, group_size=group, bits=bits)[..., :length, :] for t in (qk, qv))
+    `tail`: (keys, values) 16-bit rows after the first `length` quantized ones;
+    `value_bits`: the values' width where it is not the keys'."""
+    dk = mx.dequantize(*qk, group_size=group, bits=bits)[..., :length, :]
+    dv = mx.dequantize(*qv, group_size=group, bits=value_bits or bits)[..., :length, :]
     if tail is not None:
         dk = mx.concatenate([dk, tail[0].astype(dk.dtype)], axis=-2)
         dv = mx.concatenate([dv, tail[1].astype(dv.dtype)], axis=-2)
@@ -154,3 +156,20 @@ def test_decode_through_the_tail_and_the_flash_kernel(bits):
         decode_steps_match_reference(bits)
     finally:
         decode_tail.FIX.revert()
+
+
+@pytest.mark.parametrize("bits,value_bits", [(8, 4), (4, 8), (8, 2)])
+@pytest.mark.parametrize("n_q,n_kv", [(8, 8), (32, 8)])
+def test_flash_kernel_reads_keys_and_values_at_their_widths(bits, value_bits, n_q, n_kv):
+    """--kv-key-bits/--kv-value-bits: one flash launch over keys and values packed at
+    different widths equals attention on each dequantized at its own."""
+    mx.random.seed(bits * 10 + value_bits + n_q)
+    rows, length, dim = 768, 700, 128
+    qk = tuple(mx.quantize(mx.random.normal((2, n_kv, rows, dim)), 64, bits))
+    qv = tuple(mx.quantize(mx.random.normal((2, n_kv, rows, dim)), 64, value_bits))
+    q = mx.random.normal((2, n_q, 1, dim))
+    assert kernels.flash_plan(n_q // n_kv, dim, bits, 64, 2 * n_kv, length, 0, value_bits) is not None
+    ops = Ops(qk, qv, 64, bits, length, value_bits=value_bits)
+    got = quantized_attention(q, ops, dim**-0.5, None, None, kernels_on=True)
+    want = _reference(q, qk, qv, dim**-0.5, None, None, 64, bits, length, value_bits=value_bits)
+    assert mx.abs(got - want).max().item() < 1e-4

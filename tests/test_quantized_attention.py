@@ -109,6 +109,7 @@ def test_dequantized_attention_matches_the_quantized_path():
         (4, 64, 8, 32, 16),
         (4, 256, 8, 128, 16),  # 16 lanes a row
         (4, 80, 8, 64, None),  # 80 dims split into no power of two lanes
+        (4, 128, 6, 64, None),  # 6-bit values straddle words: the kernel reads whole words
     ],
 )
 def test_flash_split_keeps_lanes_whole_words_and_registers_bounded(rows, dim, bits, group, per_lane):
@@ -118,6 +119,21 @@ def test_flash_split_keeps_lanes_whole_words_and_registers_bounded(rows, dim, bi
         lanes = dim // per_lane
         assert 32 % lanes == 0 and per_lane * bits % 32 == 0 and group % per_lane == 0
         assert rows * per_lane <= kernels.plan.FLASH_REGISTERS
+
+
+@pytest.mark.parametrize(
+    "rows,bits,value_bits,per_lane",
+    [
+        (4, 8, 4, 16),  # K8V4: both halves pack whole words at 16 dims a lane
+        (8, 8, 4, 8),
+        (16, 8, 4, None),  # 4 dims a lane: 8-bit keys fit a word, 4-bit values do not
+        (4, 8, 6, None),
+        (4, 4, 2, 16),
+    ],
+)
+def test_flash_split_fits_both_widths(rows, bits, value_bits, per_lane):
+    """Keys and values at different widths: the split must pack both into whole words."""
+    assert kernels.flash_split(rows, 128, bits, 64, value_bits) == per_lane
 
 
 @pytest.mark.parametrize("batch_heads", [1, 8, 24, 256])
