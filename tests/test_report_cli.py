@@ -72,3 +72,23 @@ def test_bad_bits_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--model", "x", "--bits", "7"])
     assert exc.value.code == 2 and "--bits 7: must be one of" in capsys.readouterr().err
+
+
+def test_keys_and_values_at_their_own_widths_by_hand(capsys, tmp_path):
+    """--bits K8V4: 8-bit keys and 4-bit values, each with its 16-bit scale and bias."""
+    out = _run(capsys, LLAMA, tmp_path, "--context", "1000", "--bits", "8,K8V4,K4V4")
+    fp16, q8, k8v4, q4 = (r["kv_bytes"] for r in out["rows"])
+    assert k8v4 == 2 * 1000 * 2 * ((64 + 4) + (32 + 4))  # layers x tokens x heads x (K + V)
+    assert q4 == 2 * 1000 * 2 * 2 * (32 + 4)  # K4V4 is 4 bits
+    assert [r["precision"] for r in out["rows"]][1:] == [
+        "8-bit (group 64)",
+        "K8V4 (group 64)",
+        "4-bit (group 64)",
+    ]
+
+
+@pytest.mark.parametrize("bits", ["K9V4", "K8", "8,x"])
+def test_bad_widths_exit_2(capsys, bits):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--model", "x", "--bits", bits])
+    assert exc.value.code == 2 and "--bits" in capsys.readouterr().err
