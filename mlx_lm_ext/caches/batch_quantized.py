@@ -142,14 +142,6 @@ class _QuantizedRows:
     value_bits: int
     rotate: str | None
 
-    def _format(self, group_size: int, bits: int, value_bits: int | None, rotate: str | None) -> None:
-        self.group_size, self.bits, self.value_bits, self.rotate = (
-            group_size,
-            bits,
-            value_bits or bits,
-            rotate,
-        )
-
     def _quantize(self, keys: mx.array, values: mx.array) -> tuple[Triple, Triple]:
         return kv_format.quantize_kv(self, keys, values)
 
@@ -197,7 +189,7 @@ class BatchQuantizedKVCache(_QuantizedRows, BatchKVCache):
         rotate: str | None = None,
     ):
         super().__init__(left_padding)
-        self._format(group_size, bits, value_bits, rotate)
+        kv_format.set_format(self, group_size, bits, value_bits, rotate)
 
     def update_and_fetch(self, keys, values):
         prev, S = self._idx, keys.shape[2]
@@ -280,7 +272,7 @@ class BatchQuantizedRotatingKVCache(_QuantizedRows, BatchRotatingKVCache):
         rotate: str | None = None,
     ):
         super().__init__(max_size, left_padding)
-        self._format(group_size, bits, value_bits, rotate)
+        kv_format.set_format(self, group_size, bits, value_bits, rotate)
 
     def _trim(self, trim_size, v, append=None):
         if trim_size > 0:

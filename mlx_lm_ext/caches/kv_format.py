@@ -23,6 +23,18 @@ import mlx.core as mx
 ROTATIONS = (None, "keys", "all")
 
 
+def set_format(cache: Any, group_size: int, bits: int, value_bits: int | None, rotate: str | None) -> None:
+    """A new cache's format: the value width defaults to the keys'."""
+    if rotate not in ROTATIONS:
+        raise ValueError(f"rotate must be one of {ROTATIONS}, got {rotate!r}")
+    cache.group_size, cache.bits, cache.value_bits, cache.rotate = (
+        group_size,
+        bits,
+        value_bits or bits,
+        rotate,
+    )
+
+
 def value_bits(cache: Any) -> int:
     """The values' width: `value_bits` where set, else the keys' `bits`."""
     return getattr(cache, "value_bits", None) or cache.bits

@@ -52,10 +52,7 @@ class QuantizedRotatingKVCache(_BaseCache):
         self.offset = 0
         self.max_size = max_size
         self._idx = 0
-        self.group_size = group_size
-        self.bits = bits
-        self.value_bits = value_bits or bits
-        self.rotate = rotate
+        kv_format.set_format(self, group_size, bits, value_bits, rotate)
 
     # RotatingKVCache's bookkeeping reads only offset, _idx, keep and max_size, so the
     # installed release's own methods serve both classes and stay in step with upstream.

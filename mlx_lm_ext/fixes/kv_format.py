@@ -33,10 +33,7 @@ def __init__(
     self.keys = None
     self.values = None
     self.offset = 0
-    self.group_size = group_size
-    self.bits = bits
-    self.value_bits = value_bits or bits
-    self.rotate = rotate
+    kv_format.set_format(self, group_size, bits, value_bits, rotate)
 
 
 def update_and_fetch(self, keys: mx.array, values: mx.array):
