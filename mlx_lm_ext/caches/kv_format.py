@@ -51,11 +51,6 @@ def hadamard(x: mx.array) -> mx.array:
     return mx.hadamard_transform(x, scale=1.0 / math.sqrt(x.shape[-1]))
 
 
-def rotatable(dim: int) -> bool:
-    """Head dims the rotation takes: powers of two (where H is symmetric)."""
-    return dim > 0 and dim & (dim - 1) == 0
-
-
 def quantize(x: mx.array, group_size: int, bits: int, rotated: bool = False) -> tuple[mx.array, ...]:
     """(data, scales, biases) of x's rows, rotated first where asked."""
     return tuple(mx.quantize(hadamard(x) if rotated else x, group_size=group_size, bits=bits))
@@ -111,25 +106,23 @@ def fmt(cache: Any) -> tuple[int, int, int, str | None]:
     return cache.group_size, cache.bits, value_bits(cache), rotation(cache)
 
 
-def extra(cache: Any) -> dict[str, Any]:
+def format_args(bits: int, value: int | None, rotate: str | None) -> dict[str, Any]:
     """The format arguments beyond upstream's (group_size, bits) that `to_quantized`
     takes, only where they differ from uniform and unrotated: a cache class that
     predates them is still called as upstream calls it."""
     out: dict[str, Any] = {}
-    if value_bits(cache) != cache.bits:
-        out["value_bits"] = value_bits(cache)
-    if rotation(cache) is not None:
-        out["rotate"] = rotation(cache)
+    if value not in (None, bits):
+        out["value_bits"] = value
+    if rotate is not None:
+        out["rotate"] = rotate
     return out
+
+
+def extra(cache: Any) -> dict[str, Any]:
+    """`format_args` of a quantized cache."""
+    return format_args(cache.bits, value_bits(cache), rotation(cache))
 
 
 def is_uniform(cache: Any) -> bool:
     """Stored as upstream stores it: one width, no rotation (its state is upstream's)."""
     return not extra(cache)
-
-
-def describe(bits: int, value: int | None = None, rotate: str | None = None) -> str:
-    """`8-bit`, `K8V4`, `4-bit rotated keys`: the setting in the words of the log and tables."""
-    value = value or bits
-    text = f"{bits}-bit" if value == bits else f"K{bits}V{value}"
-    return text + {None: "", "keys": " rotated keys", "all": " rotated keys+values"}[rotate]

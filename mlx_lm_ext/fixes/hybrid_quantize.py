@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 from .. import layout
+from ..caches import kv_format
 from ..settings import current
 from .base import Fix, Patcher
 
@@ -97,12 +98,7 @@ def layer_format(settings, kv_bits: int) -> tuple[int, dict]:
     """The keys' width and the format beyond it: the process's --kv-key-bits,
     --kv-value-bits and --kv-rotate, each defaulting to the call's kv_bits."""
     bits = settings.kv_key_bits or kv_bits
-    fmt: dict[str, Any] = {}
-    if (settings.kv_value_bits or kv_bits) != bits:
-        fmt["value_bits"] = settings.kv_value_bits or kv_bits
-    if settings.kv_rotate is not None:
-        fmt["rotate"] = settings.kv_rotate
-    return bits, fmt
+    return bits, kv_format.format_args(bits, settings.kv_value_bits or kv_bits, settings.kv_rotate)
 
 
 def describe_quantization(n_layers: int, kept: dict[int, str], bits: int | str) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 import mlx.core as mx
 
 from .. import layout
+from ..caches import kv_format
 
 CHUNK = 256  # tokens per lockstep chunk; context points and scored windows are multiples
 LAYER_SETS = ("all", "sliding", "global", "early", "late")
@@ -56,12 +57,7 @@ class Choice:
     @property
     def fmt(self) -> dict[str, Any]:
         """What `to_quantized` takes beyond group and bits (empty: uniform, unrotated)."""
-        out: dict[str, Any] = {}
-        if self.value_bits not in (None, self.bits):
-            out["value_bits"] = self.value_bits
-        if self.rotate is not None:
-            out["rotate"] = self.rotate
-        return out
+        return kv_format.format_args(self.bits, self.value_bits, self.rotate)
 
     @property
     def label(self) -> str:
