@@ -5,11 +5,12 @@ at 8 and 4 bits, and where measured at 8-bit keys with 4-bit values (K8V4) and 4
 with rotated keys (4rot), each at most its measured figure times MARGIN (models.yaml
 `real.choose.quality`, with the measurement beside it); K8V4 under half the KL of 4 bits
 and 4rot at most a third of it where measured so (issue #22's goals: SmolLM2 meets
-both; on Gemma rotation leaves 0.64x, so there 4rot must stay under 4 bits' KL / 1.2). Recall: pass keys hidden in prose
-(report/passkey.py); 16-bit must reach its measured count (else the comparison says
-nothing), 8-bit must answer within one key of 16-bit, 4-bit at least its own measured
-count. By default one length with few keys; under -m slow, 20 keys (4 at each of 5
-depths) at every CPU length, as `report --measure recall` runs them.
+both; on Gemma rotation leaves 0.64x, so there 4rot must stay under 4 bits' KL / 1.2).
+Recall: pass keys hidden in prose (report/passkey.py); 16-bit must reach its measured
+count (else the comparison says nothing), 8-bit must answer within one key of 16-bit,
+4-bit at least its own measured count. By default one length with few keys; under -m
+slow, 20 keys (4 at each of 5 depths) at every CPU length, as `report --measure recall`
+runs them.
 """
 
 from __future__ import annotations
