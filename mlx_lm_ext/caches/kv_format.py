@@ -51,9 +51,9 @@ def hadamard(x: mx.array) -> mx.array:
     return mx.hadamard_transform(x, scale=1.0 / math.sqrt(x.shape[-1]))
 
 
-def quantize(x: mx.array, group_size: int, bits: int, rotated: bool = False) -> tuple[mx.array, ...]:
-    """(data, scales, biases) of x's rows, rotated first where asked."""
-    return tuple(mx.quantize(hadamard(x) if rotated else x, group_size=group_size, bits=bits))
+def quantize(x: mx.array, group_size: int, bits: int) -> tuple[mx.array, ...]:
+    """(data, scales, biases) of x's rows."""
+    return tuple(mx.quantize(x, group_size=group_size, bits=bits))
 
 
 def rotate_in(cache: Any, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
@@ -121,6 +121,20 @@ def format_args(bits: int, value: int | None, rotate: str | None) -> dict[str, A
 def extra(cache: Any) -> dict[str, Any]:
     """`format_args` of a quantized cache."""
     return format_args(cache.bits, value_bits(cache), rotation(cache))
+
+
+def saved_scalars(cache: Any) -> tuple[int, ...]:
+    """What a split or rotated cache saves beyond upstream's scalars (value bits, the
+    rotation's index); nothing for a uniform unrotated one, which saves as upstream's."""
+    if is_uniform(cache):
+        return ()
+    return (value_bits(cache), ROTATIONS.index(rotation(cache)))
+
+
+def restore_scalars(cache: Any, extra) -> None:
+    """`saved_scalars` read back; none saved: uniform and unrotated."""
+    values, rotate = (int(x) for x in extra) if extra else (cache.bits, 0)
+    cache.value_bits, cache.rotate = values, ROTATIONS[rotate]
 
 
 def is_uniform(cache: Any) -> bool:

@@ -142,15 +142,12 @@ class QuantizedRotatingKVCache(_BaseCache):
         """The scalars saved with the ring; value bits and rotation only where they are
         not uniform and unrotated, so such caches save as before."""
         meta = (self.offset, self.keep, self.max_size, self._idx, self.group_size, self.bits)
-        if kv_format.is_uniform(self):
-            return meta
-        return (*meta, self.value_bits, kv_format.ROTATIONS.index(self.rotate))
+        return (*meta, *kv_format.saved_scalars(self))
 
     def _set_meta(self, meta) -> None:
         meta = list(map(int, meta))
         self.offset, self.keep, self.max_size, self._idx, self.group_size, self.bits = meta[:6]
-        self.value_bits, rotate = meta[6:] or (self.bits, 0)
-        self.rotate = kv_format.ROTATIONS[rotate]
+        kv_format.restore_scalars(self, meta[6:])
 
     @property
     def state(self):

@@ -69,22 +69,10 @@ def _cat(old: tuple, new: tuple) -> tuple:
     return tuple(mx.concatenate([o, n], axis=-2) for o, n in zip(old, new, strict=True))
 
 
-def _extra_scalars(self) -> tuple[int, ...]:
-    """What a split or rotated cache saves beyond upstream's scalars; nothing otherwise."""
-    if kv_format.is_uniform(self):
-        return ()
-    return (kv_format.value_bits(self), kv_format.ROTATIONS.index(kv_format.rotation(self)))
-
-
-def _set_extra(self, extra) -> None:
-    value_bits, rotate = (int(x) for x in extra) if extra else (self.bits, 0)
-    self.value_bits, self.rotate = value_bits, kv_format.ROTATIONS[rotate]
-
-
 def _get_state(self):
     if _SPLIT_META:
         return self.keys, self.values
-    return (self.keys, self.values, self.offset, self.group_size, self.bits, *_extra_scalars(self))
+    return (self.keys, self.values, self.offset, self.group_size, self.bits, *kv_format.saved_scalars(self))
 
 
 def _set_state(self, v):
@@ -92,16 +80,16 @@ def _set_state(self, v):
         self.keys, self.values = v
         return
     self.keys, self.values, self.offset, self.group_size, self.bits, *extra = v
-    _set_extra(self, extra)
+    kv_format.restore_scalars(self, extra)
 
 
 def _get_meta(self):
-    return tuple(map(str, (self.offset, self.group_size, self.bits, *_extra_scalars(self))))
+    return tuple(map(str, (self.offset, self.group_size, self.bits, *kv_format.saved_scalars(self))))
 
 
 def _set_meta(self, v):
     self.offset, self.group_size, self.bits, *extra = map(int, v)
-    _set_extra(self, extra)
+    kv_format.restore_scalars(self, extra)
 
 
 def kv_to_quantized(
