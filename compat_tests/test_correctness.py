@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import expect_upstream
+from conftest import DELIVERY, expect_upstream
 from prompts import entry_prompt
 
 from mlx_lm_ext.report.quality import agreement, decode_logprobs
@@ -84,3 +84,33 @@ def test_every_accepted_bit_width_keeps_more_with_more_bits(entry, tier, loaded,
     kl = {bits: _quantized(entry, model, tok, bits, tier).kl_mean for bits in ALL_BITS}
     print(f"\n{entry.id}: KL by bits " + ", ".join(f"{b}: {v:.3g}" for b, v in kl.items()))
     assert kl[2] > kl[4] and kl[3] > kl[4] > kl[5] > kl[6] > kl[8], kl
+
+
+def _quantized_layers(caches) -> list:
+    """Every quantized attention cache, CacheLists walked (recurrent state has no bits)."""
+    out = []
+    for c in caches:
+        if hasattr(c, "caches"):
+            out += _quantized_layers(c.caches)
+        elif getattr(c, "bits", None) is not None:
+            out.append(c)
+    return out
+
+
+@pytest.mark.xfail(DELIVERY == "upstream", reason="upstream has no kv_value_bits/kv_rotate", strict=True)
+def test_generate_step_takes_value_bits_and_rotation(entry, loaded):
+    """The Python API: generate_step's `kv_value_bits` and `kv_rotate` (through
+    stream_generate) reach every quantized layer on every layout, in both deliveries,
+    with no process settings saying so."""
+    from mlx_lm import stream_generate
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, tok = loaded
+    cache = make_prompt_cache(model)
+    out = stream_generate(
+        model, tok, "The cache keeps", max_tokens=4, prompt_cache=cache,
+        kv_bits=8, quantized_kv_start=0, kv_value_bits=4, kv_rotate="all",
+    )  # fmt: skip
+    assert len(list(out)) == 4
+    layers = _quantized_layers(cache)
+    assert layers and {(c.bits, c.value_bits, c.rotate) for c in layers} == {(8, 4, "all")}

@@ -224,8 +224,8 @@ SPLIT_ROTATED = ["--kv-key-bits", "8", "--kv-value-bits", "4", "--kv-rotate", "-
 def test_split_and_rotated_cache_serves_as_generated_in_process(entry, model_path, loaded, tmp_path):
     """--kv-key-bits 8 --kv-value-bits 4 --kv-rotate on every layout: the server says so
     in its quantization line and answers what generation in this process gives with the
-    same cache format (the monkeypatches read it from the process settings, the patch
-    series from generate_step's kv_value_bits and kv_rotate)."""
+    same cache format (generate_step's kv_value_bits and kv_rotate in both deliveries;
+    the monkeypatches' server reads the process settings the flags make)."""
     from mlx_lm import stream_generate
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -243,7 +243,6 @@ def test_split_and_rotated_cache_serves_as_generated_in_process(entry, model_pat
     parser = argparse.ArgumentParser(add_help=False)
     add_missing_flags(parser)
     settings = settings_from_args(parser.parse_known_args(SPLIT_ROTATED)[0])
-    extra = {"kv_value_bits": 4, "kv_rotate": "keys"} if DELIVERY == "patches" else {}
     previous = configure(settings)
     try:
         model, tok = loaded
@@ -251,7 +250,7 @@ def test_split_and_rotated_cache_serves_as_generated_in_process(entry, model_pat
             r.text
             for r in stream_generate(
                 model, tok, PROMPT, max_tokens=MAX_TOKENS, prompt_cache=make_prompt_cache(model),
-                kv_bits=8, kv_group_size=64, quantized_kv_start=0, **extra,
+                kv_bits=8, kv_group_size=64, quantized_kv_start=0, kv_value_bits=4, kv_rotate="keys",
             )
         )  # fmt: skip
     finally:

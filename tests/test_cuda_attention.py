@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
+from test_decode_tail import FORMATS
 
 from mlx_lm_ext import kernels
+from mlx_lm_ext.fixes import BY_NAME
 from mlx_lm_ext.fixes import quantized_decode_tail as decode_tail
 from mlx_lm_ext.fixes.quantized_attention import QuantizedOperands as Ops
 from mlx_lm_ext.fixes.quantized_attention import quantized_attention
@@ -156,6 +158,22 @@ def test_decode_through_the_tail_and_the_flash_kernel(bits):
         decode_steps_match_reference(bits)
     finally:
         decode_tail.FIX.revert()
+
+
+@pytest.mark.parametrize("bits,value_bits,rotate,dim,group", FORMATS)
+def test_decode_through_the_tail_and_the_flash_kernel_in_every_format(bits, value_bits, rotate, dim, group):
+    """The same in the formats (K8V4, rotated keys or all), Gemma 3's global layer shape
+    included: through the flash kernel, which must take every one of these shapes."""
+    from test_decode_tail import decode_steps_match_reference
+
+    assert kernels.flash_plan(group, dim, bits, 64, 1, 140, 1, value_bits) is not None
+    BY_NAME["kv-format"].apply()
+    decode_tail.FIX.apply()
+    try:
+        decode_steps_match_reference(bits, group, 100, value_bits, rotate, dim, heads=1)
+    finally:
+        decode_tail.FIX.revert()
+        BY_NAME["kv-format"].revert()
 
 
 @pytest.mark.parametrize("bits,value_bits", [(8, 4), (4, 8), (8, 2)])

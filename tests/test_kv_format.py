@@ -203,3 +203,36 @@ def test_revert_restores_upstreams_class():
     assert not fix.installed()
     mlx_lm_ext.apply(KVSettings())
     assert fix.installed()
+
+
+def test_generate_step_and_batch_generator_take_the_format_for_their_own_caches():
+    """The patch series' arguments on the monkeypatch: generate_step's kv_value_bits and
+    kv_rotate shape its caches only (a generation interleaved with it and the process
+    settings keep theirs), BatchGenerator takes them too, and revert restores upstream's
+    signatures."""
+    import importlib
+    import inspect
+
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_lm_ext.zoo import get_entry, resolve
+
+    gen = importlib.import_module("mlx_lm.generate")
+    mlx_lm_ext.apply(KVSettings())
+    model, _ = load(str(resolve(get_entry("llama-3.2"))))
+    prompt = mx.array([1, 2, 3, 4, 5])
+    split, plain = make_prompt_cache(model), make_prompt_cache(model)
+    a = gen.generate_step(prompt, model, max_tokens=3, prompt_cache=split, kv_bits=8, quantized_kv_start=0,
+                          kv_value_bits=4, kv_rotate="all")  # fmt: skip
+    b = gen.generate_step(prompt, model, max_tokens=3, prompt_cache=plain, kv_bits=8, quantized_kv_start=0)
+    for _ in zip(a, b, strict=True):  # steps interleaved
+        pass
+    assert {kv_format.fmt(c) for c in split} == {(64, 8, 4, "all")}
+    assert {kv_format.fmt(c) for c in plain} == {(64, 8, 8, None)}
+    assert {"kv_value_bits", "kv_rotate"} <= set(inspect.signature(gen.generate_step).parameters)
+    batch = gen.BatchGenerator(model, kv_bits=8, kv_value_bits=4, kv_rotate="keys")
+    assert batch._quantize_cache_fn.keywords["kv_value_bits"] == 4
+    mlx_lm_ext.revert()
+    assert "kv_value_bits" not in inspect.signature(gen.generate_step).parameters
+    mlx_lm_ext.apply(KVSettings())

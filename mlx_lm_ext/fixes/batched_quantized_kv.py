@@ -82,8 +82,19 @@ def _extend_cache(cache_a, cache_b):
 # --- BatchGenerator: kv arguments and the conversion after each step ------------------
 
 
-def _init(self, model, *args, kv_bits=None, kv_group_size=None, quantized_kv_start=None, **kwargs):
-    """BatchGenerator.__init__ with upstream generate_step's three kv arguments."""
+def _init(
+    self,
+    model,
+    *args,
+    kv_bits=None,
+    kv_group_size=None,
+    quantized_kv_start=None,
+    kv_value_bits=None,
+    kv_rotate=None,
+    **kwargs,
+):
+    """BatchGenerator.__init__ with upstream generate_step's three kv arguments and the
+    patch series' kv_value_bits and kv_rotate."""
     FIX.original(_generate().BatchGenerator, "__init__")(self, model, *args, **kwargs)
     settings = current()
     bits = kv_bits if kv_bits is not None else settings.kv_bits
@@ -94,6 +105,8 @@ def _init(self, model, *args, kv_bits=None, kv_group_size=None, quantized_kv_sta
             quantized_kv_start=settings.start if quantized_kv_start is None else quantized_kv_start,
             kv_group_size=kv_group_size or settings.kv_group_size,
             kv_bits=bits,
+            kv_value_bits=kv_value_bits,
+            kv_rotate=kv_rotate,
         )
 
 

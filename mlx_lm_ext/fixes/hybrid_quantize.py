@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from dataclasses import replace
 from typing import Any
 
@@ -69,16 +70,20 @@ def tokens_seen(cache: Any, kind: str) -> int:
     return cache.offset
 
 
-def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_bits):
+def maybe_quantize_kv_cache(
+    prompt_cache, quantized_kv_start, kv_group_size, kv_bits, kv_value_bits=None, kv_rotate=None
+):
     """Drop-in for mlx_lm.generate.maybe_quantize_kv_cache that knows every layout.
 
-    Logs one line when a call converts layers (once per request, when its cache crosses
-    quantized_kv_start), in the words of the patch series.
+    `kv_value_bits` and `kv_rotate` are the patch series' arguments; where a call leaves
+    them out, those of the generation around it (`calling`) or the process's apply
+    them. Logs one line when a call converts layers (once per request, when its cache
+    crosses quantized_kv_start), in the words of the patch series.
     """
     if kv_bits is None:
         return
     settings = current()
-    bits, fmt = layer_format(settings, kv_bits)
+    bits, fmt = layer_format(settings, kv_bits, kv_value_bits, kv_rotate)
     # Read before converting: the quantized caches are new objects make_prompt_cache never saw.
     model = layout.origin(prompt_cache[0]) if prompt_cache else "unknown model"
     converted, kept = False, {}
@@ -94,11 +99,39 @@ def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_
         log.info("%s: %s", model, describe_quantization(len(prompt_cache), kept, label))
 
 
-def layer_format(settings, kv_bits: int) -> tuple[int, dict]:
-    """The keys' width and the format beyond it: the process's --kv-key-bits,
-    --kv-value-bits and --kv-rotate, each defaulting to the call's kv_bits."""
+def layer_format(
+    settings, kv_bits: int, value_bits: int | None = None, rotate: str | None = None
+) -> tuple[int, dict]:
+    """The keys' width and the format beyond it. Value bits and rotation: the call's,
+    else the generation's (`calling`), else the process's --kv-value-bits and
+    --kv-rotate; key bits: the process's --kv-key-bits, else the call's kv_bits."""
+    outer = getattr(_CALLING, "format", {})
+    value_bits = value_bits or outer.get("value_bits") or settings.kv_value_bits
+    rotate = rotate or outer.get("rotate") or settings.kv_rotate
     bits = settings.kv_key_bits or kv_bits
-    return bits, kv_format.format_args(bits, settings.kv_value_bits or kv_bits, settings.kv_rotate)
+    return bits, kv_format.format_args(bits, value_bits or kv_bits, rotate)
+
+
+_CALLING = threading.local()
+
+
+def calling(steps, value_bits: int | None, rotate: str | None):
+    """`steps` (a generate_step generator) with its quantization taking `value_bits`
+    and `rotate`: set on this thread for each step only, as a generator's steps may
+    interleave with other generations'."""
+    fmt = {"value_bits": value_bits, "rotate": rotate}
+    try:
+        while True:
+            outer, _CALLING.format = getattr(_CALLING, "format", {}), fmt
+            try:
+                item = next(steps)
+            except StopIteration:
+                return
+            finally:
+                _CALLING.format = outer
+            yield item
+    finally:
+        steps.close()
 
 
 def describe_quantization(n_layers: int, kept: dict[int, str], bits: int | str) -> str:

@@ -16,6 +16,8 @@ patches/0016-kv-rotate.patch (rotation).
 
 from __future__ import annotations
 
+import functools
+import importlib
 import inspect
 from typing import Any
 
@@ -25,6 +27,7 @@ from mlx.utils import tree_map
 from ..caches import kv_format
 from ..caches.quantized_rotating import _SPLIT_META
 from .base import Fix, Patcher
+from .hybrid_quantize import calling
 
 
 def __init__(
@@ -105,6 +108,28 @@ def kv_to_quantized(
     return quant
 
 
+def _taking_format(generate_step):
+    """generate_step (or speculative_generate_step) taking the patch series'
+    `kv_value_bits` and `kv_rotate`, which its quantization then applies."""
+
+    @functools.wraps(generate_step)
+    def wrapper(*args, kv_value_bits: int | None = None, kv_rotate: str | None = None, **kwargs):
+        steps = generate_step(*args, **kwargs)
+        if kv_value_bits is None and kv_rotate is None:
+            return steps
+        return calling(steps, kv_value_bits, kv_rotate)
+
+    sig = inspect.signature(generate_step)
+    names = ("kv_value_bits", "kv_rotate")
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in names]
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
+    return wrapper
+
+
+def _lacks_format(fn) -> bool:
+    return "kv_value_bits" not in inspect.signature(fn).parameters
+
+
 def installed() -> bool:
     """Does the installed QuantizedKVCache take value bits and rotation?"""
     from mlx_lm.models.cache import QuantizedKVCache
@@ -133,6 +158,11 @@ class KVFormat(Fix):
         if _SPLIT_META:
             patcher.set(QuantizedKVCache, "meta_state", property(_get_meta, _set_meta))
         patcher.set(KVCache, "to_quantized", kv_to_quantized)
+        generate = importlib.import_module("mlx_lm.generate")
+        for name in ("generate_step", "speculative_generate_step"):
+            fn = getattr(generate, name, None)
+            if fn is not None and _lacks_format(fn):
+                patcher.rebind(fn, _taking_format(fn))
 
 
 FIX = KVFormat()
