@@ -258,6 +258,62 @@ def test_split_and_rotated_cache_serves_as_generated_in_process(entry, model_pat
     assert json.loads(body)["choices"][0]["text"] == expected
 
 
+def _requantized_by_hand(cache, bits: int = 8) -> None:
+    """Each 16-bit attention layer's rows quantized and dequantized in place (the
+    reference a hit on a quantized prompt-cache entry must give)."""
+    import mlx.core as mx
+
+    for kind, c in layout.leaves(cache):
+        if kind in (layout.FULL, layout.SLIDING) and c.keys is not None:
+            n = min(c.offset, c.keys.shape[2])
+            c.keys, c.values = (
+                mx.dequantize(*mx.quantize(x[..., :n, :], group_size=64, bits=bits), group_size=64, bits=bits)
+                for x in (c.keys, c.values)
+            )
+
+
+SHORT_PROMPT = PROMPT[: len(PROMPT) // 2]  # with its reply, inside the stand-ins' 512-token windows
+
+
+def test_a_hit_on_a_quantized_prompt_cache_entry_answers_as_the_prefix_quantized(
+    entry, model_path, loaded, tmp_path
+):
+    """--prompt-cache-bits 8, live decoding at 16 bits: the same prompt twice. The second
+    resumes the first's entry (trimmed to all but the prompt's last token, as upstream's
+    LRU does) and must answer what generation does from that prefix quantized and
+    dequantized by hand; where the entry cannot be trimmed (a wrapped sliding window,
+    recurrent state) it is a miss and the answer is 16-bit generation's. The prompt is
+    short enough that no window wraps within a token of the reply's end (the batched and
+    sequential paths feed the last reply token or not)."""
+    from mlx_lm import stream_generate
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+
+    flags = ["--prompt-cache-bits", "8", "--prompt-cache-min-quantize-tokens", "16"]
+    server = Server(model_path, flags, tmp_path / "server.log")
+    try:
+        replies = [_completion(server, SHORT_PROMPT) for _ in range(2)]
+    finally:
+        server.stop()
+    assert all(status == 200 for status, _ in replies), replies
+    model, tok = loaded
+    special = tok.bos_token is None or not SHORT_PROMPT.startswith(tok.bos_token)
+    tokens = tok.encode(SHORT_PROMPT, add_special_tokens=special)
+
+    def generated(prompt, cache) -> str:
+        steps = stream_generate(model, tok, prompt, max_tokens=MAX_TOKENS, prompt_cache=cache)
+        return "".join(r.text for r in steps)
+
+    cache = make_prompt_cache(model)
+    assert json.loads(replies[0][1])["choices"][0]["text"] == generated(tokens, cache)
+    if can_trim_prompt_cache(cache):
+        trim_prompt_cache(cache, max(c.offset for c in cache if hasattr(c, "offset")) - (len(tokens) - 1))
+        _requantized_by_hand(cache)
+        rest = tokens[-1:]
+    else:
+        cache, rest = make_prompt_cache(model), tokens
+    assert json.loads(replies[1][1])["choices"][0]["text"] == generated(rest, cache)
+
+
 def test_failed_request_gets_error_and_next_is_served(server):
     status, body = _request(server.port, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0})
     assert status >= 400 and "error" in json.loads(body), body
@@ -464,6 +520,14 @@ BAD_FLAGS = {
     "key-bits-7": (["--kv-key-bits", "7"], "--kv-key-bits 7: must be one of 2, 3, 4, 5, 6, 8"),
     "value-bits-alone": (["--kv-value-bits", "4"], "--kv-value-bits 4: also give --kv-key-bits or --kv-bits"),
     "rotate-alone": (["--kv-rotate"], "--kv-rotate keys: rotates a quantized cache; also give --kv-bits"),
+    "prompt-cache-bits-7": (
+        ["--prompt-cache-bits", "7"],
+        "--prompt-cache-bits 7: must be one of 2, 3, 4, 5, 6, 8",
+    ),
+    "negative-min-quantize": (
+        ["--prompt-cache-bits", "8", "--prompt-cache-min-quantize-tokens", "-1"],
+        "--prompt-cache-min-quantize-tokens -1: must be 0 or more",
+    ),
     "negative-prompt-limit": (["--max-prompt-tokens", "-1"], "--max-prompt-tokens -1: must be 0"),
     "body-size": (["--max-body-bytes", "12x"], "not a size: '12x'"),
 }

@@ -116,6 +116,29 @@ def kv_flags() -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
+def prompt_cache_flags() -> list[tuple[str, dict[str, Any]]]:
+    """The server's prompt-cache storage flags (caches/prompt_store.py)."""
+    return [
+        (
+            "--prompt-cache-bits",
+            {
+                "type": int,
+                "default": None,
+                "help": "Store prompt-cache entries quantized at these bits: 2, 3, 4, 5, 6 or 8 "
+                "(group: --kv-group-size; default: as generated).",
+            },
+        ),
+        (
+            "--prompt-cache-min-quantize-tokens",
+            {
+                "type": int,
+                "default": 256,
+                "help": "With --prompt-cache-bits, entries shorter than this stay 16-bit (default: 256).",
+            },
+        ),
+    ]
+
+
 def add_missing_flags(
     parser: argparse.ArgumentParser, flags: list[tuple[str, dict[str, Any]]] | None = None
 ) -> list[str]:
@@ -138,6 +161,8 @@ def settings_from_args(ns: argparse.Namespace) -> KVSettings:
         kv_key_bits=getattr(ns, "kv_key_bits", None),
         kv_value_bits=getattr(ns, "kv_value_bits", None),
         kv_rotate=getattr(ns, "kv_rotate", None),
+        prompt_cache_bits=getattr(ns, "prompt_cache_bits", None),
+        prompt_cache_min_quantize_tokens=getattr(ns, "prompt_cache_min_quantize_tokens", 256),
     )
 
 
@@ -169,6 +194,13 @@ def apply_parsed(ns: argparse.Namespace, prog: str) -> argparse.Namespace:
             settings.max_kv_size,
             "quantized" if settings.quantize_sliding else "full precision",
         )
+    if settings.prompt_cache_bits is not None:
+        log.info(
+            "prompt cache: entries of %d tokens or more stored at %d bits (group %d)",
+            settings.prompt_cache_min_quantize_tokens,
+            settings.prompt_cache_bits,
+            settings.kv_group_size,
+        )
     return ns
 
 
@@ -180,6 +212,7 @@ class ServerArgumentParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):  # noqa: D102 - argparse API
         add_missing_flags(self)
         add_missing_flags(self, limit_flags())
+        add_missing_flags(self, prompt_cache_flags())
         parsed = apply_parsed(super().parse_args(args, namespace), prog=self.prog_name)
         from .fixes import applied_fixes  # here: the fixes import this module
 

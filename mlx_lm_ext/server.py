@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from . import apply
-from .cli import add_missing_flags, check_server_args, configure_logging
+from .cli import add_missing_flags, check_server_args, configure_logging, prompt_cache_flags
 from .limits import limit_flags
 
 PROG = "mlx_lm_ext.server"
@@ -34,6 +34,7 @@ def precheck(argv: list[str]) -> None:
     parser.add_argument("--model")
     add_missing_flags(parser)
     add_missing_flags(parser, limit_flags())
+    add_missing_flags(parser, prompt_cache_flags())
     ns, _ = parser.parse_known_args(argv)
     check_server_args(ns, PROG)
 

@@ -44,6 +44,8 @@ class KVSettings:
     kv_key_bits: int | None = None  # each of these two defaults to kv_bits
     kv_value_bits: int | None = None
     kv_rotate: str | None = None  # None, "keys" or "all" (caches/kv_format.py)
+    prompt_cache_bits: int | None = None  # the server's stored entries (caches/prompt_store.py)
+    prompt_cache_min_quantize_tokens: int = 256
 
     def __post_init__(self) -> None:
         # Key bits alone switch quantization on, as kv_bits does: everything that asks
@@ -82,6 +84,11 @@ def validate(settings: KVSettings, model: str | None = None) -> None:
     ):
         if bits is not None and bits not in ALLOWED_BITS:
             raise SettingsError(f"{flag} {bits}: must be one of {', '.join(map(str, ALLOWED_BITS))}")
+    if settings.prompt_cache_bits is not None and settings.prompt_cache_bits not in ALLOWED_BITS:
+        allowed = ", ".join(map(str, ALLOWED_BITS))
+        raise SettingsError(f"--prompt-cache-bits {settings.prompt_cache_bits}: must be one of {allowed}")
+    if (n := settings.prompt_cache_min_quantize_tokens) < 0:
+        raise SettingsError(f"--prompt-cache-min-quantize-tokens {n}: must be 0 or more")
     if settings.kv_value_bits is not None and settings.kv_bits is None:
         raise SettingsError(
             f"--kv-value-bits {settings.kv_value_bits}: "
@@ -102,7 +109,7 @@ def validate(settings: KVSettings, model: str | None = None) -> None:
         raise SettingsError(f"--quantized-kv-start {settings.quantized_kv_start}: must be 0 or more tokens")
     if settings.max_kv_size is not None and settings.max_kv_size <= 0:
         raise SettingsError(f"--max-kv-size {settings.max_kv_size}: must be a positive token count")
-    if settings.kv_bits is not None and model is not None:
+    if (settings.kv_bits is not None or settings.prompt_cache_bits is not None) and model is not None:
         _check_head_dims(settings, model)
 
 

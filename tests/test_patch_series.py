@@ -87,7 +87,7 @@ def test_a_patch_that_does_not_apply_names_patch_file_and_hunk(release_tree, tmp
     series.git(tree, "commit", "-qam", "upstream moves on")
     applied, failures = series.check(tree)
     # 0009 builds on 0005's server lines (BatchGenerator's max_kv_size), and 0011-0013,
-    # 0015 and 0016 on its flag checks, so they fail too; the others still apply.
+    # 0015-0017 on its flag checks, so they fail too; the others still apply.
     assert [f.patch for f in failures] == [
         "0005-server-kv-flags.patch",
         "0009-batched-quantized-kv.patch",
@@ -96,6 +96,7 @@ def test_a_patch_that_does_not_apply_names_patch_file_and_hunk(release_tree, tmp
         "0013-server-lifecycle.patch",
         "0015-kv-value-bits.patch",
         "0016-kv-rotate.patch",
+        "0017-prompt-cache-bits.patch",
     ]
     assert "0006-request-errors.patch" in applied
     (file, line, hunk), *_ = failures[0].hunks

@@ -17,6 +17,7 @@ from . import (
     hybrid_quantize,
     kv_format,
     max_kv_size,
+    prompt_cache_bits,
     prompt_cache_full_hit,
     quantized_attention,
     quantized_decode_tail,
@@ -49,6 +50,7 @@ FIXES: list[Fix] = [
     client_disconnect.FIX,
     server_lifecycle.FIX,
     prompt_cache_full_hit.FIX,
+    prompt_cache_bits.FIX,
 ]
 BY_NAME = {f.name: f for f in FIXES}
 _order: list[str] = []  # names in the order applied, for a newest-first revert
