@@ -8,6 +8,7 @@ nox -s patches                   apply patches/ to the newest release's sdist an
 nox -s patches -- --release 0.31.3   which patches apply to another release (then prove it)
 nox -s baseline                  what unpatched mlx-lm does on every family, per release
 nox -s soak                      the server under load and faults, full counts (CI: short)
+nox -s distributed               2 ranks under mlx.launch (ring, localhost): tensor and pipeline
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ def patches(session: nox.Session) -> None:
     writes benchmarks/results/patches/<release>.{json,md}."""
     _install_release(session, releases.NEWEST)
     session.run("python", "-m", "mlx_lm_ext.upstream", "apply", *session.posargs)
+
+
+@nox.session(default=False)
+def distributed(session: nox.Session) -> None:
+    """Quantized KV across ranks: mlx.launch with the ring backend, 2 ranks on localhost
+    (3 for the real SmolLM2): sharded generation against one process, the server across
+    ranks, refusals on every rank (compat_tests/test_distributed.py)."""
+    _install_release(session, releases.NEWEST)
+    session.run(
+        "pytest", "-m", "distributed", "compat_tests/test_distributed.py", "-p", "no:cacheprovider",
+        *_split(session.posargs),
+    )  # fmt: skip
 
 
 @nox.session(default=False)

@@ -14,6 +14,7 @@ import logging
 import sys
 from typing import Any
 
+from . import distributed
 from .limits import check_limit_flags, check_model_path, limit_flags
 from .settings import KVSettings, SettingsError, configure, default_quantized_kv_start, validate
 
@@ -174,6 +175,7 @@ def check_server_args(ns: argparse.Namespace, prog: str) -> KVSettings:
         check_model_path(getattr(ns, "model", None))
         check_limit_flags(ns)
         validate(settings, model=getattr(ns, "model", None))
+        distributed.check(getattr(ns, "model", None), bool(getattr(ns, "pipeline", False)))
     except SettingsError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -32,6 +32,7 @@ def precheck(argv: list[str]) -> None:
     """Exit 2 on a bad flag or model path before anything else prints."""
     parser = _OneLineParser(prog=PROG, add_help=False, allow_abbrev=False)
     parser.add_argument("--model")
+    parser.add_argument("--pipeline", action="store_true")
     add_missing_flags(parser)
     add_missing_flags(parser, limit_flags())
     add_missing_flags(parser, prompt_cache_flags())

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..cli import configure_logging
+from ..distributed import shard_problem
 from ..settings import ALLOWED_BITS, ALLOWED_GROUP_SIZES, head_dims
 from . import memory, sweep
 
@@ -31,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-group-size", type=int, default=64, choices=ALLOWED_GROUP_SIZES)
     p.add_argument("--max-kv-size", type=int, default=None, help="bound every layer as the server flag does")
     p.add_argument("--offline", action="store_true", help="a models.yaml id's offline stand-in")
+    p.add_argument("--ranks", type=int, default=1, help="each machine's share on N ranks (mlx.launch)")
+    p.add_argument("--pipeline", action="store_true", help="with --ranks: the layers split, not the heads")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     m = p.add_argument_group("--measure: run the model (its weights load) at 16 bits and quantized")
     m.add_argument(
@@ -136,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure and args.measure != {"speed"}:
         return _choosing(parser, args, bits)
     name, config = memory.resolve_config(args.model, args.offline)
+    if args.ranks < 1:
+        parser.error("--ranks must be 1 or more")
+    if problem := shard_problem(config, args.ranks, args.pipeline):
+        parser.error(f"--ranks {args.ranks}{' --pipeline' if args.pipeline else ''}: {name}: {problem}")
     layers = memory.trace_layout(config)
     rows = memory.table(layers, args.context, bits, args.kv_group_size, args.max_kv_size)
     points = _measure(args, bits) if args.measure else None
@@ -151,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(payload, indent=1))
     else:
         print(memory.markdown(name, args.context, rows, layers, args.max_kv_size))
+        if args.ranks > 1:
+            ranked = memory.per_rank_markdown(
+                layers, args.context, bits, args.kv_group_size, args.ranks, args.pipeline, args.max_kv_size
+            )
+            print("\n" + ranked)
         if points is not None:
             print("\n" + sweep.markdown(points, args.decode_tokens))
     if args.plot:

@@ -185,6 +185,30 @@ def markdown(model: str, context: int, rows: list[dict], layers: list[LayerKV], 
     return "\n".join(lines)
 
 
+def per_rank_markdown(
+    layers: list[LayerKV], context: int, bits: list, group_size: int, ranks: int, pipeline: bool, bound=None
+) -> str:
+    """The cache each machine holds when the server runs on `ranks` ranks (mlx.launch)."""
+    from ..distributed import rank_layers
+
+    shares = rank_layers(layers, ranks, pipeline)
+    how = "pipeline: each holds its stage's layers" if pipeline else "tensor parallel: 1/N of the heads each"
+    lines = [
+        f"Per machine, {ranks} ranks ({how}):",
+        "",
+        "| KV cache | " + " | ".join(f"rank {r}" for r in range(ranks)) + " |",
+        "|---|" + "---|" * ranks,
+    ]
+    per_rank = [table(share, context, bits, group_size, bound) for share in shares]
+    for i, row in enumerate(per_rank[0]):
+        cells = []
+        for rows in per_rank:
+            kv = rows[i]["kv_bytes"]
+            cells.append("n/a" if kv is None else human(kv + rows[i]["recurrent_bytes"]))
+        lines.append(f"| {row['precision']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def human(n: int) -> str:
     """Decimal units, as users quote them ("215 GB")."""
     for unit, size in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):

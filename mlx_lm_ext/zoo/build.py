@@ -29,7 +29,7 @@ from .tokenizer import write_tokenizer
 
 log = logging.getLogger("mlx_lm_ext")
 
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 ORG = "mlx-lm-ext"
 # Keys every offline config gets unless the entry says otherwise.
 COMMON: dict[str, Any] = {"rms_norm_eps": 1e-6, "max_position_embeddings": 131072}
@@ -71,6 +71,19 @@ def revision(entry: ModelEntry, seed: int) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+def save_weights(folder: Path, weights: dict[str, Any]) -> None:
+    """model.safetensors and its model.safetensors.index.json, as mlx_lm.convert writes
+    them: `sharded_load --pipeline` reads the index to find each stage's weights."""
+    import mlx.core as mx
+
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    index = {
+        "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+        "weight_map": {k: "model.safetensors" for k in sorted(weights)},
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+
+
 def _write_weights(config: dict[str, Any], folder: Path, seed: int, dtype: str) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -84,7 +97,7 @@ def _write_weights(config: dict[str, Any], folder: Path, seed: int, dtype: str) 
         k: v.astype(getattr(mx, dtype)) if mx.issubdtype(v.dtype, mx.floating) else v
         for k, v in tree_flatten(model.parameters())
     }
-    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    save_weights(folder, weights)
 
 
 def _build(entry: ModelEntry, folder: Path, seed: int) -> None:

