@@ -19,12 +19,11 @@ Every mode runs once as a warm-up first (kernel compilation), then timed.
 from __future__ import annotations
 
 import time
-from importlib.metadata import version
 from typing import Any
 
 import mlx.core as mx
 from kv_speed import load_model, model_parser
-from results_io import emit, machine
+from results_io import emit, header
 
 import mlx_lm_ext
 from mlx_lm_ext.settings import KVSettings, configure
@@ -154,9 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     vocab = model.model.embed_tokens.weight.shape[0] if hasattr(model, "model") else 512
     rows = run(model, args.requests, args.prompt, args.tokens, args.bits, vocab)
     result = {
-        "model": name,
-        "machine": machine(),
-        "mlx_lm": version("mlx-lm"),
+        **header(name),
         "requests": args.requests,
         "prompt": args.prompt,
         "tokens": args.tokens,

@@ -31,13 +31,12 @@ import argparse
 import json
 import time
 from functools import partial
-from importlib.metadata import version
 from pathlib import Path
 from statistics import median
 from typing import Any
 
 import mlx.core as mx
-from results_io import emit, machine
+from results_io import emit, header
 
 import mlx_lm_ext
 from mlx_lm_ext.report.measure import (
@@ -322,9 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     name, model = load_model(args.model, args.config)
     rows = run(model, args.contexts, args.bits, args.steps, args.prefill, args.rounds)
     result = {
-        "model": name,
-        "machine": machine(),
-        "mlx_lm": version("mlx-lm"),
+        **header(name),
         "steps": args.steps,
         "rounds": args.rounds,
         "rows": rows,

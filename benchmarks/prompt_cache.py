@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import copy
 import time
-from importlib.metadata import version
 from statistics import median
 from typing import Any
 
 import mlx.core as mx
 from kv_speed import load_model, model_parser
-from results_io import emit, machine
+from results_io import emit, header
 
 import mlx_lm_ext
 from mlx_lm_ext.caches import prompt_store
@@ -153,9 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     name, model = load_model(args.model, args.config)
     rows = run(model, args.prefix, args.bits, args.budget, args.rounds, args.ttft)
     result = {
-        "model": name,
-        "machine": machine(),
-        "mlx_lm": version("mlx-lm"),
+        **header(name),
         "budget": args.budget,
         "rows": rows,
     }

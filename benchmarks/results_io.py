@@ -16,6 +16,13 @@ def machine() -> str:
     return f"{platform.machine()} {platform.system()}, mlx {mx.__version__} ({mx.default_device()})"
 
 
+def header(model: str) -> dict[str, str]:
+    """What every result starts with: the model, the machine, the mlx-lm release."""
+    from importlib.metadata import version
+
+    return {"model": model, "machine": machine(), "mlx_lm": version("mlx-lm")}
+
+
 def emit(result: dict[str, Any], path: Path | None, markdown: Callable[[dict[str, Any]], str]) -> None:
     """Write the result as JSON to `path` (when given) and print its markdown table."""
     if path is not None:

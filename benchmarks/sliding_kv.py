@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from results_io import emit, machine
+from results_io import emit, header
 
 import mlx_lm_ext
 from mlx_lm_ext.report.measure import decode_rate, filled_cache
@@ -85,9 +84,7 @@ def run(model_id: str, contexts: list[int], steps: int, quality_tokens: int) -> 
             print(json.dumps(row), flush=True)
     configure(KVSettings())
     return {
-        "model": model_id,
-        "machine": machine(),
-        "mlx_lm": version("mlx-lm"),
+        **header(model_id),
         "decode_steps": steps,
         "quality_tokens": quality_tokens,
         "rows": rows,
