@@ -9,13 +9,11 @@ layers). Every test compares with the same model in one process.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -85,37 +83,6 @@ def test_a_bounded_cache_stays_bounded_on_every_rank(entry, model_path):
     assert all(r["cache_bytes"] * RANKS == alone["cache_bytes"] for r in ranks)
 
 
-class LaunchedServer(Server):
-    """test_server's Server, launched as RANKS ranks (rank 0 answers HTTP)."""
-
-    def __init__(self, model_path, args, log_path):
-        self.port = _free_port()
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        cmd = [*LAUNCH, sys.executable, "-m", SERVER_MODULE, "--model", str(model_path),
-               "--port", str(self.port), "--max-tokens", str(MAX_TOKENS), *args]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + TIMEOUT_S
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"launcher exited {self.proc.returncode}: {self.output()}")
-            try:
-                if _request(self.port, "/v1/models", timeout=2)[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError(f"server did not start in {TIMEOUT_S}s: {self.output()}")
-
-    def stop(self):
-        os.killpg(self.proc.pid, 15)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, 9)
-            self.proc.wait()
-        self.log.close()
-
-
 def _ranks_running(port: int) -> int:
     """Processes still serving on this port (the launcher and its ranks)."""
     found = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True)
@@ -133,7 +100,8 @@ def test_the_server_across_ranks_answers_batches_and_errors(entry, model_path, t
     flags = ["--kv-bits", "8", "--tokens", str(MAX_TOKENS)]
     texts = _ranks(model_path, *flags, *(x for p in prompts for x in ("--prompt", p)))[0]["texts"]
     expected = dict(zip(prompts, texts, strict=True))
-    server = LaunchedServer(model_path, ["--kv-bits", "8", "--quantized-kv-start", "0"], tmp_path / "srv.log")
+    flags = ["--kv-bits", "8", "--quantized-kv-start", "0"]
+    server = Server(model_path, flags, tmp_path / "srv.log", launcher=LAUNCH)
     try:
         status, body = _completion(server, PROMPT)
         assert status == 200 and json.loads(body)["choices"][0]["text"] == expected[PROMPT], body

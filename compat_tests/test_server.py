@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -80,11 +81,16 @@ def _request(port: int, path: str, body: dict | None = None, timeout: float = 12
 
 
 class Server:
-    def __init__(self, model_path, args: list[str], log_path, env: dict | None = None):
+    """The server as a process (under `launcher`, e.g. mlx.launch, in a session of its
+    own so that stopping it stops every rank)."""
+
+    def __init__(self, model_path, args: list[str], log_path, env: dict | None = None, launcher=()):
         self.port = _free_port()
         self.log_path = log_path
         self.log = open(log_path, "w")
+        self.launched = bool(launcher)
         cmd = [
+            *launcher,
             sys.executable,
             "-m",
             SERVER_MODULE,
@@ -97,8 +103,10 @@ class Server:
             *args,
         ]
         env = {**os.environ, **(env or {})}
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + STARTUP_S
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=self.launched
+        )
+        deadline = time.time() + STARTUP_S * (2 if launcher else 1)
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}: {self.output()}")
@@ -115,11 +123,13 @@ class Server:
         return open(self.log_path).read()
 
     def stop(self):
-        self.proc.terminate()
+        signal_all = (lambda sig: os.killpg(self.proc.pid, sig)) if self.launched else self.proc.send_signal
+        signal_all(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=30 if self.launched else 10)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            signal_all(signal.SIGKILL)
+            self.proc.wait()
         self.log.close()
 
 
