@@ -8,12 +8,14 @@ layers). Every test compares with the same model in one process.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from test_server import MAX_TOKENS, PROMPT, Server, _completion, _free_port, _re
 from mlx_lm_ext import layout
 from mlx_lm_ext.distributed import shard_problem
 from mlx_lm_ext.settings import read_config
+from mlx_lm_ext.zoo.build import build_into
 
 pytestmark = [
     pytest.mark.distributed,
@@ -46,6 +49,20 @@ def _ranks(model_path, *flags: str, ranks: int = RANKS) -> list[dict]:
     return sorted(lines, key=lambda r: r["rank"])
 
 
+@pytest.fixture(scope="module")
+def tp_path(entry, model_path, tmp_path_factory):
+    """The entry's model, or where one KV head is all that keeps a stand-in from tensor
+    parallel (qwen3.5-moe, gpt-oss), the same stand-in with RANKS KV heads, built here:
+    mlx-lm splits heads across ranks, so 1 head cannot run on 2."""
+    problem = shard_problem(read_config(str(model_path)), RANKS, False)
+    if not problem or "num_key_value_heads" not in problem or entry.real:
+        return model_path
+    config = copy.deepcopy(entry.offline_config)
+    (config.get("text_config") or config)["num_key_value_heads"] = RANKS
+    folder = tmp_path_factory.mktemp(entry.id.replace(".", "-")) / f"{entry.id}-kv{RANKS}"
+    return build_into(replace(entry, offline_config=config), folder)
+
+
 def _way(entry, model_path, pipeline: bool) -> None:
     """Skip where the model does not shard that way (the server refuses it: tested below)."""
     problem = shard_problem(read_config(str(model_path)), RANKS, pipeline)
@@ -56,11 +73,12 @@ def _way(entry, model_path, pipeline: bool) -> None:
 @pytest.mark.parametrize("pipeline", [False, True], ids=["tensor", "pipeline"])
 @pytest.mark.parametrize("kv_bits", [None, 8], ids=["16bit", "kv8"])
 def test_ranks_generate_what_one_process_does_with_their_share_of_the_cache(
-    entry, model_path, kv_bits, pipeline
+    entry, model_path, tp_path, kv_bits, pipeline
 ):
     """Greedy tokens on every rank equal one process's at the same bits; every attention
     layer a rank holds is quantized (kv8); the ranks' cache bytes add up to one
     process's, each holding its share (tensor parallel: an equal share of the heads)."""
+    model_path = model_path if pipeline else tp_path
     _way(entry, model_path, pipeline)
     flags = ([] if kv_bits is None else ["--kv-bits", str(kv_bits)]) + (["--pipeline"] if pipeline else [])
     (alone,) = _ranks(model_path, *flags, ranks=1)
@@ -74,7 +92,8 @@ def test_ranks_generate_what_one_process_does_with_their_share_of_the_cache(
         assert attention and all(cls.startswith("Quantized") for cls in attention), ranks
 
 
-def test_a_bounded_cache_stays_bounded_on_every_rank(entry, model_path):
+def test_a_bounded_cache_stays_bounded_on_every_rank(entry, tp_path):
+    model_path = tp_path
     _way(entry, model_path, False)
     flags = ["--kv-bits", "8", "--max-kv-size", "64", "--tokens", "4"]
     (alone,) = _ranks(model_path, *flags, ranks=1)
@@ -89,12 +108,13 @@ def _ranks_running(port: int) -> int:
     return len(found.stdout.split())
 
 
-def test_the_server_across_ranks_answers_batches_and_errors(entry, model_path, tmp_path):
+def test_the_server_across_ranks_answers_batches_and_errors(entry, tp_path, tmp_path):
     """`mlx.launch ... python -m <server> --kv-bits 8`: a completion equals the same
     ranks' generation (distributed_rank.py: sharded, not one process, whose sums run in
     another order); 4 concurrent requests (continuous batching) each get theirs; a
     request that fails gets an error and the next is served; stopping the launcher
     leaves no rank behind."""
+    model_path = tp_path
     _way(entry, model_path, False)
     prompts = [PROMPT] + [f"{PROMPT} Request {i}." for i in range(4)]
     flags = ["--kv-bits", "8", "--tokens", str(MAX_TOKENS)]

@@ -112,6 +112,13 @@ def _build(entry: ModelEntry, folder: Path, seed: int) -> None:
     )
 
 
+def build_into(entry: ModelEntry, folder: Path, seed: int = 0) -> Path:
+    """An entry's stand-in built into `folder` (a variant's: an entry with another
+    offline config), outside the hub cache."""
+    _build(entry, folder, seed)
+    return folder
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
