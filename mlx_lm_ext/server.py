@@ -1,10 +1,11 @@
 """python -m mlx_lm_ext.server: upstream's mlx_lm.server with the kv fixes applied.
 
 Same flags and HTTP API as `mlx_lm.server`, plus --kv-bits, --kv-group-size,
---quantized-kv-start, --max-kv-size and --keep-sliding-kv on every supported release, and
-the request limits --max-prompt-tokens, --max-tokens-limit and --max-body-bytes.
-The flags and the model path are checked first, before the fixes log a line or any
-weights load: a bad value exits with status 2 and one line.
+--quantized-kv-start, --max-kv-size and --keep-sliding-kv on every supported release,
+the request limits --max-prompt-tokens, --max-tokens-limit and --max-body-bytes, and
+--prompt-cache-bits for the prompt cache. The flags, the model path and (under
+mlx.launch) whether the model shards over the ranks are checked first, before the fixes
+log a line or any weights load: a bad value exits with status 2 and one line.
 """
 
 from __future__ import annotations
