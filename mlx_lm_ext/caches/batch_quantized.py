@@ -193,6 +193,24 @@ class BatchQuantizedKVCache(_QuantizedRows, BatchKVCache):
 
     def update_and_fetch(self, keys, values):
         prev, S = self._idx, keys.shape[2]
+        self._grow(keys, values)
+        self.offset = self.offset + S
+        self._idx += S
+        self._write(prev, self._quantize(keys, values))
+        return kv_format.tagged(self, self.keys_and_values())
+
+    def store_tail_rows(self, keys: mx.array, values: mx.array) -> None:
+        """The last rows, already counted in `offset` and `_idx` and already rotated (a
+        16-bit decode tail's, fixes/quantized_decode_tail.py), quantized into the buffers."""
+        n = keys.shape[2]
+        self._idx -= n
+        self._grow(keys, values)
+        self._idx += n
+        self._write(self._idx - n, kv_format.quantize_kv(self, keys, values, rotated=True))
+
+    def _grow(self, keys: mx.array, values: mx.array) -> None:
+        """Room after the first `_idx` rows for these 16-bit rows, in steps of `step`."""
+        prev, S = self._idx, keys.shape[2]
         if self.keys is None or prev + S > self.keys[0].shape[2]:
             n = (self.step + S - 1) // self.step * self.step
             new_k, new_v = self._new_rows(keys, values, n)
@@ -201,12 +219,12 @@ class BatchQuantizedKVCache(_QuantizedRows, BatchKVCache):
             else:
                 self.keys = _cat(_rows(self.keys, None, prev), new_k)
                 self.values = _cat(_rows(self.values, None, prev), new_v)
-        self.offset = self.offset + S
-        self._idx += S
-        for dst, src in zip((self.keys, self.values), self._quantize(keys, values), strict=True):
+
+    def _write(self, start: int, quantized: tuple[Triple, Triple]) -> None:
+        """Quantized key and value rows into rows start .. `_idx` of the buffers."""
+        for dst, src in zip((self.keys, self.values), quantized, strict=True):
             for d, s in zip(dst, src, strict=True):
-                d[..., prev : self._idx, :] = s
-        return kv_format.tagged(self, self.keys_and_values())
+                d[..., start : self._idx, :] = s
 
     def keys_and_values(self):
         return _rows(self.keys, None, self._idx), _rows(self.values, None, self._idx)

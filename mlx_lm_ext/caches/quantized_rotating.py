@@ -128,6 +128,22 @@ class QuantizedRotatingKVCache(_BaseCache):
         self._idx += S
         return self.keys_and_values()
 
+    def store_tail_rows(self, keys: mx.array, values: mx.array) -> None:
+        """The ring's last n writes, already counted in `offset` and `_idx` and already
+        rotated (a 16-bit decode tail's, fixes/quantized_decode_tail.py), quantized into
+        the rows they replace: n rows ending before `_idx`, wrapping to `keep`."""
+        n = keys.shape[2]
+        start = self._idx - n
+        if start < self.keep:
+            start += self.max_size - self.keep
+        first = min(n, self.max_size - start)
+        quantized = kv_format.quantize_kv(self, keys, values, rotated=True)
+        for dst, src in zip((self.keys, self.values), quantized, strict=True):
+            for d, s in zip(dst, src, strict=True):
+                d[..., start : start + first, :] = s[..., :first, :]
+                if first < n:
+                    d[..., self.keep : self.keep + n - first, :] = s[..., first:, :]
+
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         if keys.shape[2] == 1:
             return kv_format.tagged(self, self._update_in_place(keys, values))

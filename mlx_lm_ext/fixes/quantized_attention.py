@@ -161,15 +161,24 @@ def dequantized_attention(
 
 def _decode_mask(mask, batch: int, length: int):
     """A one-query mask as the flash kernel reads it: None (no mask), additive float32
-    (batch or 1, length), or False where it has another shape (per-head masks)."""
+    (batch or 1, length), or False where it has another shape (per-head masks).
+
+    A model passes one mask to every layer of a step (a batch's left padding): it is
+    converted once, not once a layer (three ops, ~20 us of dispatch each time on CUDA)."""
     if mask is None or isinstance(mask, str):  # "causal" over one query masks nothing
         return None
     if mask.shape[-1] != length or mask.size != mask.shape[0] * length or mask.shape[0] not in (1, batch):
         return False
+    if _LAST_MASK[0] is mask:
+        return _LAST_MASK[1]
     rows = mx.reshape(mask, (mask.shape[0] if mask.ndim > 2 else 1, length))
     if rows.dtype == mx.bool_:
-        return mx.where(rows, 0.0, -mx.inf).astype(mx.float32)
-    return rows.astype(mx.float32)
+        rows = mx.where(rows, 0.0, -mx.inf)
+    _LAST_MASK[:] = [mask, rows.astype(mx.float32)]  # holding the mask: no other takes its id
+    return _LAST_MASK[1]
+
+
+_LAST_MASK: list = [None, None]  # the last mask _decode_mask converted, and its conversion
 
 
 def _float32(x: mx.array) -> mx.array:
@@ -240,6 +249,11 @@ def _tail_attention(queries, views: QuantizedOperands, cache, scale, mask, sinks
     Where it does not take the shape, the tail is handed back (the cache quantizes every
     token from then on) and this step dequantizes.
     """
+    stale = getattr(views.tail, "mask", None)  # a ring's rows the tail replaces
+    if stale is not None:
+        if mask is not None:  # a window inside the ring (rare): read the ring as stored
+            return _flushed_attention(queries, views, scale, mask, sinks)
+        mask = stale
     kernels_on = kernels.available()
     if kernels_on and queries.shape[2] == 1:
         out = _flash(queries, views, scale, mask, sinks)
@@ -247,9 +261,21 @@ def _tail_attention(queries, views: QuantizedOperands, cache, scale, mask, sinks
             return out
     if kernels_on:
         views.tail.decline()
+    if stale is not None:
+        mask = stale.astype(queries.dtype)  # the fused kernel takes the queries' type
     ops = operands(views.keys, views.values, cache, views.group_size, views.bits)
     ops = ops._replace(tail=views.tail, value_bits=views.value_bits)
     return dequantized_attention(queries, ops, scale, mask, sinks)
+
+
+def _flushed_attention(queries, views: QuantizedOperands, scale, mask, sinks):
+    """Attention over a ring whose tail is quantized into it first (and handed back):
+    for a model mask over the ring's rows alone, which the tail's rows are not in."""
+    cache = views.tail.owner()
+    cache.decline_tail()
+    keys, values = cache.keys, cache.values  # the pending rows written into the ring
+    ops = operands(keys, values, cache, views.group_size, views.bits)._replace(value_bits=views.value_bits)
+    return quantized_attention(queries, ops, scale, mask, sinks)
 
 
 def operands(keys, values, cache, group_size: int, bits: int) -> QuantizedOperands:

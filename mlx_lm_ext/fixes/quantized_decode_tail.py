@@ -32,6 +32,7 @@ with them).
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, NamedTuple
 
@@ -39,6 +40,8 @@ import mlx.core as mx
 
 from .. import kernels
 from ..caches import kv_format
+from ..caches.batch_quantized import BatchQuantizedKVCache
+from ..caches.quantized_rotating import QuantizedRotatingKVCache
 from . import quantized_attention
 from .base import Fix, Patcher
 
@@ -54,6 +57,7 @@ class Tail(NamedTuple):
     value_buffer: mx.array
     rows: int
     owner: Any  # a weak reference to the cache
+    mask: Any = None  # a ring's: additive (1, ring + rows), -inf on the rows the tail replaces
 
     @property
     def keys(self) -> mx.array:
@@ -89,15 +93,19 @@ def tail_of(keys: Any) -> Tail | None:
 
 
 def flush(cache: Any) -> None:
-    """Quantize the cache's pending rows into its buffers (upstream's update, one call)."""
+    """Quantize the cache's pending rows into its buffers (upstream's update, one call;
+    a batch cache's `store_tail_rows`)."""
     vars(cache)["_views"] = None  # the buffers may change now: no view may pin them
     n = vars(cache).get("_pending", 0)
     if not n:
         return
     cache._pending = 0
     k, v = cache._tail
-    cache.offset -= n
     rows = k[..., :n, :], v[..., :n, :]
+    if hasattr(cache, "store_tail_rows"):  # the batch cache, the quantized ring
+        cache.store_tail_rows(*rows)
+        return
+    cache.offset -= n
     if kv_format.rotation(cache) is not None:  # the tail holds rows rotated already
         cache.store_rows(*rows)
     else:
@@ -107,32 +115,98 @@ def flush(cache: Any) -> None:
 def update_and_fetch(self, keys: mx.array, values: mx.array):
     """One token: into the 16-bit tail (quantizing it first when full). More tokens (a
     prompt chunk) or an empty cache: upstream's update, after the tail is quantized."""
-    if keys.shape[2] != 1 or vars(self).get("keys") is None or vars(self).get("_tail_off"):
+    if not _takes_row(self, keys):
         flush(self)
         return _upstream("update_and_fetch")(self, keys, values)
-    n = vars(self).get("_pending", 0)
-    if n == TAIL_ROWS:
+    _tail_row(self, keys, values)
+    self.offset += 1
+    return _fetch(self, self.offset)
+
+
+def batch_update_and_fetch(self, keys: mx.array, values: mx.array):
+    """BatchQuantizedKVCache's update with the same tail: a decode step of the whole batch
+    writes one row a request (the batch's mask keeps left padding out, as for 16 bits)."""
+    if not _takes_row(self, keys):
         flush(self)
+        return _original(BatchQuantizedKVCache, "update_and_fetch")(self, keys, values)
+    _tail_row(self, keys, values)
+    self.offset = self.offset + 1
+    self._idx += 1
+    return _fetch(self, self._idx)
+
+
+def ring_update_and_fetch(self, keys: mx.array, values: mx.array):
+    """QuantizedRotatingKVCache's update with the same tail, once the ring is full: a
+    step counts its token in `offset` and `_idx` as the ring's own update does, and the
+    ring rows its pending tokens will replace are masked out until they do."""
+    if not (_takes_row(self, keys) and _ring_steady(self)):
+        flush(self)
+        return _original(QuantizedRotatingKVCache, "update_and_fetch")(self, keys, values)
+    _tail_row(self, keys, values)
+    if self._idx == self.max_size:
+        self._idx = self.keep
+    self._idx += 1
+    self.offset += 1
+    n = self._pending
+    tail = Tail(*self._tail, n, weakref.ref(self), _stale_mask(self.max_size, self.keep, self._idx, n))
+    rotate = kv_format.rotation(self)
+    ring_k, ring_v = tuple(vars(self)["keys"]), tuple(vars(self)["values"])
+    return Pending(ring_k, tail, rotate), Pending(ring_v, tail, rotate)
+
+
+def _ring_steady(cache: Any) -> bool:
+    """A full ring of exactly max_size rows, with room for a tail that never laps itself
+    (before that, it grows and trims as upstream's does)."""
+    keys = vars(cache).get("keys")
+    return (
+        keys is not None
+        and keys[0].shape[2] == cache.max_size
+        and cache.offset >= cache.max_size
+        and cache.max_size - cache.keep >= 2 * TAIL_ROWS
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _stale_mask(size: int, keep: int, idx: int, n: int) -> mx.array:
+    """Additive float32 (1, size + n): -inf on the ring rows the last n writes (ending
+    before `idx`, wrapping to `keep`) will replace, 0 on the rest and on the tail. One
+    array for every ring layer of a step, and for each step after a lap."""
+    row = [0.0] * (size + n)
+    for i in range(1, n + 1):
+        p = idx - i
+        row[p if p >= keep else p + size - keep] = -float("inf")
+    return mx.array([row], mx.float32)
+
+
+def _takes_row(cache: Any, keys: mx.array) -> bool:
+    """One token onto quantized rows, with the tail not handed back."""
+    return keys.shape[2] == 1 and vars(cache).get("keys") is not None and not vars(cache).get("_tail_off")
+
+
+def _tail_row(cache: Any, keys: mx.array, values: mx.array) -> None:
+    """The token's key and value rows into the tail (quantizing it first when full)."""
+    n = vars(cache).get("_pending", 0)
+    if n == TAIL_ROWS:
+        flush(cache)
         n = 0
-    tail = vars(self).get("_tail")
+    tail = vars(cache).get("_tail")
     if tail is None or tail[0].shape[:2] != keys.shape[:2] or tail[0].dtype != keys.dtype:
         shape = (*keys.shape[:2], TAIL_ROWS)
-        tail = self._tail = (
+        tail = cache._tail = (
             mx.zeros((*shape, keys.shape[3]), keys.dtype),
             mx.zeros((*shape, values.shape[3]), values.dtype),
         )
-        FIX.state.setdefault("live", weakref.WeakSet()).add(self)
-    keys, values = kv_format.rotate_in(self, keys, values)  # as the quantized rows are
+        FIX.state.setdefault("live", weakref.WeakSet()).add(cache)
+    keys, values = kv_format.rotate_in(cache, keys, values)  # as the quantized rows are
     tail[0][..., n : n + 1, :] = keys
     tail[1][..., n : n + 1, :] = values
-    self._pending = n + 1
-    self.offset += 1
-    return _fetch(self)
+    cache._pending = n + 1
 
 
-def _fetch(cache: Any) -> tuple[Pending, Pending]:
+def _fetch(cache: Any, rows: int) -> tuple[Pending, Pending]:
+    """Views of the quantized rows (all `rows` but the pending ones) and the tail."""
     n = cache._pending
-    ks, vs = _quantized_views(cache, cache.offset - n)
+    ks, vs = _quantized_views(cache, rows - n)
     tail = Tail(*cache._tail, n, weakref.ref(cache))
     rotate = kv_format.rotation(cache)
     return Pending(ks, tail, rotate), Pending(vs, tail, rotate)
@@ -169,13 +243,26 @@ def _stored(name: str) -> property:
 
 def trim(self, n: int) -> int:
     flush(self)
-    return _upstream("trim")(self, n)
+    return _original(_patched_class(self), "trim")(self, n)
+
+
+def _patched_class(cache: Any) -> type:
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    for cls in (BatchQuantizedKVCache, QuantizedRotatingKVCache):
+        if isinstance(cache, cls):
+            return cls
+    return QuantizedKVCache
 
 
 def nbytes(self) -> int:
-    """Upstream's count (quantized buffers) plus the 16-bit tail's buffers."""
+    """The class's own count (quantized buffers, no row flushed) plus the 16-bit tail's
+    buffers."""
     tail = vars(self).get("_tail")
     extra = 0 if tail is None else tail[0].nbytes + tail[1].nbytes
+    if isinstance(self, (BatchQuantizedKVCache, QuantizedRotatingKVCache)):
+        stored = [x for x in stored_buffers(self) if x is not None]
+        return sum(a.nbytes for triple in stored for a in triple) + extra
     return _upstream("nbytes").fget(self) + extra
 
 
@@ -208,6 +295,11 @@ def _upstream(name: str) -> Any:
     return FIX.original(QuantizedKVCache, name)
 
 
+def _original(cls: type, name: str) -> Any:
+    """`cls`'s own method that this fix replaced (inherited where the class had none)."""
+    return FIX.original(cls, name)
+
+
 class QuantizedDecodeTail(Fix):
     name = "quantized-decode-tail"
     summary = "quantized cache: decode tokens kept at 16 bits, quantized 64 at a time (CUDA)"
@@ -224,14 +316,22 @@ class QuantizedDecodeTail(Fix):
     def install(self, patcher: Patcher) -> None:
         from mlx_lm.models.cache import QuantizedKVCache
 
-        patcher.set(QuantizedKVCache, "keys", _stored("keys"))
-        patcher.set(QuantizedKVCache, "values", _stored("values"))
-        patcher.set(QuantizedKVCache, "update_and_fetch", update_and_fetch)
-        patcher.set(QuantizedKVCache, "trim", trim)
-        patcher.set(QuantizedKVCache, "stored_buffers", stored_buffers)
-        patcher.set(QuantizedKVCache, "decline_tail", decline_tail)
+        classes = (
+            (QuantizedKVCache, update_and_fetch),
+            (BatchQuantizedKVCache, batch_update_and_fetch),
+            (QuantizedRotatingKVCache, ring_update_and_fetch),
+        )
+        for cls, update in classes:
+            patcher.set(cls, "keys", _stored("keys"))
+            patcher.set(cls, "values", _stored("values"))
+            patcher.set(cls, "update_and_fetch", update)
+            patcher.set(cls, "trim", trim)
+            patcher.set(cls, "stored_buffers", stored_buffers)
+            patcher.set(cls, "decline_tail", decline_tail)
         if isinstance(vars(QuantizedKVCache).get("nbytes"), property):
             patcher.set(QuantizedKVCache, "nbytes", property(nbytes))
+        patcher.set(BatchQuantizedKVCache, "nbytes", property(nbytes))
+        patcher.set(QuantizedRotatingKVCache, "nbytes", property(nbytes))
         patcher.defer(flush_all)  # on undo, before the properties go: no tail is lost
 
 

@@ -10,9 +10,11 @@ cache: `quality.decode_logprobs` runs real tokens.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -109,11 +111,14 @@ def generation_rate(model: Any, cache: list[Any], steps: int = 32, warmup: int =
     """
     from mlx_lm.generate import generate_step
 
-    tic = time.perf_counter()
-    for n, _ in enumerate(generate_step(mx.array([7]), model, max_tokens=steps + warmup, prompt_cache=cache)):
-        if n + 1 == warmup:
-            tic = time.perf_counter()
-    return steps / (time.perf_counter() - tic)
+    with _no_gc():
+        tic = time.perf_counter()
+        for n, _ in enumerate(
+            generate_step(mx.array([7]), model, max_tokens=steps + warmup, prompt_cache=cache)
+        ):
+            if n + 1 == warmup:
+                tic = time.perf_counter()
+        return steps / (time.perf_counter() - tic)
 
 
 def decode_rate(model: Any, cache: list[Any], steps: int = 32, warmup: int = 2) -> float:
@@ -122,10 +127,23 @@ def decode_rate(model: Any, cache: list[Any], steps: int = 32, warmup: int = 2) 
     token = mx.array([[7]])
     for _ in range(warmup):
         mx.eval(model(token, cache=cache))
-    tic = time.perf_counter()
-    for _ in range(steps):
-        mx.eval(model(token, cache=cache))
-    return steps / (time.perf_counter() - tic)
+    with _no_gc():
+        tic = time.perf_counter()
+        for _ in range(steps):
+            mx.eval(model(token, cache=cache))
+        return steps / (time.perf_counter() - tic)
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Timed decode without Python's cyclic collector, whose passes over the objects a
+    step makes land in some timed blocks and not others."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def interleaved(measures: dict[Any, Callable[[], Any]], rounds: int) -> dict[Any, list[Any]]:

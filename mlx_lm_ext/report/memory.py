@@ -54,10 +54,14 @@ class LayerKV:
 
 def trace_layout(config: dict[str, Any], dtype: str = "bfloat16") -> list[LayerKV]:
     """Every cache the model makes, with its exact shapes (see the module docstring)."""
+    return model_layout(model_from_config(config, dtype))
+
+
+def model_layout(model: Any) -> list[LayerKV]:
+    """Every cache a loaded model makes, with its exact shapes (one token through it)."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    model = model_from_config(config, dtype)
     cache = make_prompt_cache(model)
     model(mx.array([[1]]), cache=cache)
     return _describe(cache, prefix="")

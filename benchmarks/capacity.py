@@ -1,0 +1,187 @@
+"""How many concurrent long requests fit under a memory limit at 16, 8 and 4 bits, and their tok/s.
+
+    python benchmarks/capacity.py --config benchmarks/configs/llama-3.1-8b.json \
+        --context 32768 --limit-gib 48 --json benchmarks/results/capacity-h200.json
+    python benchmarks/capacity.py --model llama-3.2 --context 2048 --limit-gib 0.1   # CPU
+
+What users buy KV quantization for. Requests go through the server's own path: mlx-lm's
+BatchGenerator (patched: the batch caches quantize from the first chunk,
+`--quantized-kv-start 0`), `--prompt-concurrency` prompts prefilled together in chunks
+of `--prefill-step-size` tokens, every request then decoding together. Each request has
+`--context` prompt tokens and generates `--tokens`.
+
+For each precision the request count starts at what the cache bytes predict
+(`report.memory`'s exact per-token bytes: (limit - weights) / bytes of one request at
+the context) and steps down until MLX's peak memory over the whole run, prefill
+included, stays under the limit; each try is a full run. Reported per precision: the
+requests that fit, the peak of the prefill phase and of the decode phase apart (the
+peak must come from the caches, not from prefilling, or the savings never reach the
+user), and aggregate decode tok/s with every request decoding (median of the steps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from statistics import median
+from typing import Any
+
+import mlx.core as mx
+from kv_speed import load_model, model_parser
+from results_io import emit, header
+
+import mlx_lm_ext
+from mlx_lm_ext.report.memory import kv_bytes, model_layout
+from mlx_lm_ext.settings import KVSettings, configure
+
+GROUP = 64
+GIB = 2**30
+
+
+def _prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+    return [[(7919 * j + 104729 * i) % (vocab - 5) + 5 for j in range(length)] for i in range(n)]
+
+
+def serve(model: Any, n: int, context: int, bits: int | None, args: Any, vocab: int) -> dict[str, Any]:
+    """One run of n requests through BatchGenerator: peaks by phase, decode tok/s."""
+    from mlx_lm.generate import BatchGenerator
+
+    configure(KVSettings(kv_bits=bits, kv_group_size=GROUP, quantized_kv_start=0))
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    # The first requests decode while the last ones prefill (a chunk a step): they must
+    # still be decoding when the last joins, then all decode `tokens` steps together.
+    prefill_steps = -(-n // args.prompt_concurrency) * -(-context // args.prefill_step_size)
+    gen = BatchGenerator(
+        model,
+        max_tokens=2 * prefill_steps + args.tokens,
+        completion_batch_size=n,
+        prefill_batch_size=min(n, args.prompt_concurrency),
+        prefill_step_size=args.prefill_step_size,
+        kv_bits=bits,
+        kv_group_size=GROUP,
+        quantized_kv_start=0,
+        stop_tokens=[],
+    )
+    gen.insert(_prompts(n, context, vocab))
+    prefill_peak, prefill_s, steps, tic = None, None, [], time.perf_counter()
+    try:
+        while True:
+            start = time.perf_counter()
+            _, responses = gen.next()
+            if prefill_peak is None and len(gen._generation_batch) == n:
+                prefill_peak = mx.get_peak_memory()  # every request prefilled: decode from here
+                prefill_s = time.perf_counter() - tic
+                mx.reset_peak_memory()
+            elif prefill_peak is not None and len(responses) == n:
+                steps.append(time.perf_counter() - start)
+            if not (
+                responses
+                or gen._unprocessed_sequences
+                or len(gen._prompt_batch)
+                or len(gen._generation_batch)
+            ):
+                break
+    finally:
+        gen.close()
+    decode_peak = mx.get_peak_memory()
+    return {
+        "requests": n,
+        "peak_bytes": max(prefill_peak or 0, decode_peak),
+        "prefill_peak_bytes": prefill_peak,
+        "decode_peak_bytes": decode_peak,
+        "prefill_s": prefill_s,
+        "decode_tok_s": n / median(steps) if steps else None,
+    }
+
+
+def fit(
+    model: Any, bits: int | None, args: Any, weights: int, per_request: int, vocab: int
+) -> dict[str, Any]:
+    """The most requests whose whole run peaks under the limit, stepping down from the
+    prediction by the bytes the last try went over."""
+    limit = int(args.limit_gib * GIB)
+    n = max(1, (limit - weights) // per_request)
+    tries = []
+    while n >= 1 and len(tries) < args.tries:
+        row = serve(model, n, args.context, bits, args, vocab)
+        tries.append(
+            {k: row[k] for k in ("requests", "peak_bytes", "prefill_peak_bytes", "decode_peak_bytes")}
+        )
+        print(json.dumps({"bits": bits, **row}), flush=True)
+        if row["peak_bytes"] <= limit:
+            return {**row, "tries": tries}
+        n -= max(1, math.ceil((row["peak_bytes"] - limit) / per_request))
+    return {"requests": 0, "tries": tries}
+
+
+def run(model: Any, precisions: list[int | None], args: Any, vocab: int) -> list[dict[str, Any]]:
+    mlx_lm_ext.apply(KVSettings(kv_group_size=GROUP, quantized_kv_start=0))
+    weights = mx.get_active_memory()
+    layers = model_layout(model)
+    serve(model, 2, min(args.context, 2 * args.prefill_step_size), 8, args, vocab)  # warm-up: kernels
+    rows = []
+    for bits in precisions:
+        per_request = kv_bytes(layers, args.context, bits, GROUP)
+        row = {"bits": bits, "kv_bytes_per_request": per_request, "weights_bytes": weights}
+        rows.append({**row, **fit(model, bits, args, weights, per_request, vocab)})
+    base = rows[0]
+    for r in rows:
+        if base["requests"] and r["requests"]:
+            r["x_requests"] = r["requests"] / base["requests"]
+            if r.get("decode_tok_s") and base.get("decode_tok_s"):
+                r["x_decode_tok_s"] = r["decode_tok_s"] / base["decode_tok_s"]
+    return rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['model']}; {result['machine']}; mlx-lm {result['mlx_lm']}; "
+        f"{result['context']}-token requests, limit {result['limit_gib']} GiB, "
+        f"prompt concurrency {result['prompt_concurrency']}, "
+        f"prefill step {result['prefill_step_size']}",
+        "",
+        "| KV | cache per request | requests | x 16-bit | prefill peak GiB | decode peak GiB "
+        "| decode tok/s (all) | x 16-bit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        kv = "16-bit" if r["bits"] is None else f"{r['bits']}-bit"
+        if not r["requests"]:
+            lines.append(f"| {kv} | {r['kv_bytes_per_request'] / 2**20:.0f} MiB | 0 | | | | | |")
+            continue
+        lines.append(
+            f"| {kv} | {r['kv_bytes_per_request'] / 2**20:.0f} MiB | {r['requests']} | "
+            f"{r.get('x_requests', 0):.2f} | "
+            f"{(r['prefill_peak_bytes'] or 0) / GIB:.2f} | {r['decode_peak_bytes'] / GIB:.2f} | "
+            f"{r['decode_tok_s'] or 0:.1f} | {r.get('x_decode_tok_s', 0):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _bits(text: str) -> int | None:
+    return None if text == "16" else int(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = model_parser(__doc__)
+    parser.add_argument("--context", type=int, default=32768, help="prompt tokens a request")
+    parser.add_argument("--limit-gib", type=float, required=True, help="memory limit, weights included")
+    parser.add_argument("--bits", type=_bits, nargs="+", default=[None, 8, 4], help="16, 8, 4, ...")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens each request generates")
+    parser.add_argument(
+        "--prompt-concurrency", type=int, default=8, help="prompts prefilled together (server default 8)"
+    )
+    parser.add_argument("--prefill-step-size", type=int, default=2048)
+    parser.add_argument("--tries", type=int, default=3, help="runs per precision at most")
+    args = parser.parse_args(argv)
+    name, model = load_model(args.model, args.config)
+    vocab = model.model.embed_tokens.weight.shape[0] if hasattr(model, "model") else 512
+    rows = run(model, args.bits, args, vocab)
+    keys = ("context", "limit_gib", "tokens", "prompt_concurrency", "prefill_step_size")
+    emit({**header(name), **{k: getattr(args, k) for k in keys}, "rows": rows}, args.json, markdown)
+
+
+if __name__ == "__main__":
+    main()

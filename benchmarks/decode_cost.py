@@ -1,0 +1,279 @@
+"""Where a decode step's time goes: building its graph, evaluating it, the attention kernel.
+
+    python benchmarks/decode_cost.py --config benchmarks/configs/llama-3.1-8b.json \
+        --contexts 4096 32768 --bits 8 4 --json benchmarks/results/decode_cost-h200.json
+    python benchmarks/decode_cost.py --model llama-3.2 --contexts 1024 --bits 8   # CPU
+
+A decode step is paid twice on the host before the device finishes it: Python runs the
+model's forward pass, which only records ops (build), then `mx.eval` hands each op to
+the backend (on MLX's CUDA backend ~7-10 us an op) while the kernels run (eval). The
+two parts, per setting, on a cache filled to the context as kv_speed.py fills it:
+
+- step: build and eval milliseconds (medians of `--steps` steps, the garbage collector
+  off while timed) and the primitives in one step's graph by kind (mx.export_to_dot), for
+  unpatched 16-bit and patched quantized; per layer, each against 16-bit;
+- kernel (where the flash kernel runs): one layer's decode attention launched
+  `--launches` times in one evaluation, so issuing overlaps the kernels and the time per
+  launch is the device's, for the fused 16-bit kernel and the flash kernel under each
+  launch plan of `--plans` (blocks a step aims for, rows a lane loads before computing,
+  warps a block), as cache bytes read per second.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import itertools
+import json
+import time
+from collections import Counter
+from statistics import median
+from typing import Any
+
+import mlx.core as mx
+from kv_speed import _delivery, _settings, load_model, model_parser
+from results_io import emit, header
+
+import mlx_lm_ext
+from mlx_lm_ext import kernels
+from mlx_lm_ext.kernels import launch, plan
+from mlx_lm_ext.report.measure import attention_layers, filled_cache
+
+GROUP = 64
+
+
+def primitives(out: mx.array) -> Counter:
+    """The ops in an unevaluated array's graph, by kind."""
+    dot = io.StringIO()
+    mx.export_to_dot(dot, out)
+    return Counter(
+        line.split('label ="')[1].split('"')[0] for line in dot.getvalue().splitlines() if 'label ="' in line
+    )
+
+
+def step_times(model: Any, cache: list[Any], steps: int, warmup: int = 4) -> dict[str, Any]:
+    """Median build and eval milliseconds of one-token steps, and one step's ops."""
+    token = mx.array([[7]])
+    for _ in range(warmup):
+        mx.eval(model(token, cache=cache))
+    ops = primitives(model(token, cache=cache))
+    build, run = [], []
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(steps):
+            tic = time.perf_counter()
+            out = model(token, cache=cache)
+            mid = time.perf_counter()
+            mx.eval(out)
+            build.append((mid - tic) * 1e3)
+            run.append((time.perf_counter() - mid) * 1e3)
+    finally:
+        gc.enable()
+    return {
+        "build_ms": median(build),
+        "eval_ms": median(run),
+        "build_range": [min(build), max(build)],
+        "eval_range": [min(run), max(run)],
+        "ops": sum(ops.values()),
+        "op_kinds": dict(ops.most_common()),
+    }
+
+
+def step_rows(model: Any, context: int, precisions: list, steps: int) -> list[dict[str, Any]]:
+    rows = []
+    for bits in (None, *precisions):
+        _delivery(bits is not None, _settings(bits))
+        try:
+            cache = filled_cache(model, context, _settings(bits))
+            row = {"kind": "step", "context": context, "bits": bits, **step_times(model, cache, steps)}
+            row["layers"] = len(attention_layers(cache))
+        finally:
+            mlx_lm_ext.revert()
+            mx.clear_cache()
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "op_kinds"}), flush=True)
+    base = rows[0]
+    for r in rows[1:]:
+        n = r["layers"]
+        r["extra_build_us_per_layer"] = (r["build_ms"] - base["build_ms"]) * 1e3 / n
+        r["extra_eval_us_per_layer"] = (r["eval_ms"] - base["eval_ms"]) * 1e3 / n
+        r["extra_ops_per_layer"] = (r["ops"] - base["ops"]) / n
+    return rows
+
+
+def _launch_ms(fn, launches: int, rounds: int = 5) -> float:
+    """Milliseconds a launch: `launches` chained calls evaluated at once, best of rounds."""
+    mx.eval(fn(fn(None)))  # compile, allocate
+    best = float("inf")
+    for _ in range(rounds):
+        tic = time.perf_counter()
+        out = None
+        for _ in range(launches):
+            out = fn(out)
+        mx.eval(out)
+        best = min(best, time.perf_counter() - tic)
+    return best / launches * 1e3
+
+
+def _layer(context: int, bits: int, shape: tuple[int, int, int, int]) -> dict[str, Any]:
+    q_heads, kv_heads, dim, _ = shape
+    k = mx.random.normal((1, kv_heads, context, dim)).astype(mx.bfloat16)
+    v = mx.random.normal((1, kv_heads, context, dim)).astype(mx.bfloat16)
+    q = mx.random.normal((1, q_heads, 1, dim)).astype(mx.bfloat16)
+    qk, qv = mx.quantize(k, GROUP, bits), mx.quantize(v, GROUP, bits)
+    mx.eval(k, v, q, qk, qv)
+    return {"k": k, "v": v, "q": q, "qk": qk, "qv": qv}
+
+
+def _nbytes(arrays) -> int:
+    return sum(a.nbytes for a in arrays)
+
+
+def _set_plan(blocks: int, unroll: int, warps: int) -> None:
+    plan.FLASH_BLOCKS, plan.FLASH_UNROLL, plan.FLASH_BLOCK_WARPS = blocks, unroll, warps
+    plan._plan.cache_clear()
+    launch._flash_call.cache_clear()
+    launch._flash_kernel.cache_clear()
+
+
+def kernel_rows(context: int, precisions: list[int], plans: list[tuple], launches: int, shape) -> list[dict]:
+    """Device time a launch: the fused 16-bit kernel, then the flash kernel per plan."""
+    scale = shape[2] ** -0.5
+    rows = []
+    default = (plan.FLASH_BLOCKS, plan.FLASH_UNROLL, plan.FLASH_BLOCK_WARPS)
+    for bits in precisions:
+        t = _layer(context, bits, shape)
+        fused = _launch_ms(
+            lambda o, t=t: mx.fast.scaled_dot_product_attention(
+                t["q"] if o is None else o, t["k"], t["v"], scale=scale
+            ),
+            launches,
+        )
+        nbytes = _nbytes([t["k"], t["v"]])
+        rows.append(
+            {
+                "kind": "kernel",
+                "context": context,
+                "bits": 16,
+                "plan": "fused",
+                "ms": fused,
+                "GB_s": nbytes / fused / 1e6,
+            }
+        )
+        qbytes = _nbytes([*t["qk"], *t["qv"]])
+        for blocks, unroll, warps in plans:
+            _set_plan(blocks, unroll, warps)
+
+            def flash(o, t=t, bits=bits):
+                queries = t["q"] if o is None else o
+                return launch.flash_decode(queries, t["qk"], t["qv"], scale, GROUP, bits, context)
+
+            try:
+                ms = _launch_ms(flash, launches)
+            except (RuntimeError, ValueError) as e:
+                rows.append(
+                    {
+                        "kind": "kernel",
+                        "context": context,
+                        "bits": bits,
+                        "plan": [blocks, unroll, warps],
+                        "error": str(e)[:160],
+                    }
+                )
+                continue
+            rows.append(
+                {
+                    "kind": "kernel",
+                    "context": context,
+                    "bits": bits,
+                    "plan": [blocks, unroll, warps],
+                    "ms": ms,
+                    "GB_s": qbytes / ms / 1e6,
+                    "x_fused_time": ms / fused,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    _set_plan(*default)
+    return rows
+
+
+def _plan_arg(text: str) -> tuple[int, int, int]:
+    blocks, unroll, warps = (int(x) for x in text.split(","))
+    return blocks, unroll, warps
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['model']}; {result['machine']}; mlx-lm {result['mlx_lm']}",
+        "",
+        "| context | KV | build ms | eval ms | ops | build us/layer vs 16-bit | eval us/layer vs 16-bit "
+        "| ops/layer vs 16-bit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in result["rows"] if r["kind"] == "step"):
+        extra = (
+            f"{r['extra_build_us_per_layer']:+.1f} | {r['extra_eval_us_per_layer']:+.1f} | "
+            f"{r['extra_ops_per_layer']:+.2f}"
+            if "extra_ops_per_layer" in r
+            else " | | "
+        )
+        kv = "16-bit" if r["bits"] is None else f"{r['bits']}"
+        lines.append(
+            f"| {r['context']} | {kv} | {r['build_ms']:.2f} | {r['eval_ms']:.2f} | {r['ops']} | {extra} |"
+        )
+    kernel = [r for r in result["rows"] if r["kind"] == "kernel"]
+    if kernel:
+        lines += [
+            "",
+            "| context | bits | plan (blocks, unroll, warps) | us a launch | GB/s | x fused time |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in kernel:
+            if "error" in r:
+                lines.append(f"| {r['context']} | {r['bits']} | {r['plan']} | fails: {r['error']} | | |")
+                continue
+            ratio = f"{r['x_fused_time']:.2f}" if "x_fused_time" in r else ""
+            lines.append(
+                f"| {r['context']} | {r['bits']} | {r['plan']} | {r['ms'] * 1e3:.1f} | "
+                f"{r['GB_s']:.0f} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = model_parser(__doc__)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    parser.add_argument("--steps", type=int, default=32, help="decode steps timed per setting")
+    parser.add_argument("--launches", type=int, default=64, help="kernel launches evaluated at once")
+    parser.add_argument(
+        "--plans",
+        type=_plan_arg,
+        nargs="*",
+        default=None,
+        help="flash launch plans 'blocks,unroll,warps' (default: the shipped one and a grid around it)",
+    )
+    args = parser.parse_args(argv)
+    name, model = load_model(args.model, args.config)
+    rows = []
+    for context in args.contexts:
+        rows += step_rows(model, context, args.bits, args.steps)
+    if kernels.available():
+        shipped = (plan.FLASH_BLOCKS, plan.FLASH_UNROLL, plan.FLASH_BLOCK_WARPS)
+        grid = list(itertools.product((264, 528, 1056), (2, 4, 8), (4, 8)))
+        plans = args.plans if args.plans is not None else [shipped, *(p for p in grid if p != shipped)]
+        args_ = model.args
+        shape = (
+            args_.num_attention_heads,
+            args_.num_key_value_heads,
+            getattr(args_, "head_dim", None) or args_.hidden_size // args_.num_attention_heads,
+            0,
+        )
+        for context in args.contexts:
+            rows += kernel_rows(context, args.bits, plans, args.launches, shape)
+    emit({**header(name), "steps": args.steps, "launches": args.launches, "rows": rows}, args.json, markdown)
+
+
+if __name__ == "__main__":
+    main()
