@@ -90,9 +90,8 @@ def rank_layers(layers: list[Any], ranks: int, pipeline: bool) -> list[list[Any]
     from dataclasses import replace
 
     if pipeline:
-        n_layers = 1 + max(int(lay.index.split(".")[0]) for lay in layers)
-        stages = pipeline_layers(n_layers, ranks)
-        return [[lay for lay in layers if int(lay.index.split(".")[0]) in stage] for stage in stages]
+        stages = pipeline_layers(1 + max(lay.layer for lay in layers), ranks)
+        return [[lay for lay in layers if lay.layer in stage] for stage in stages]
     return [
         [replace(lay, kv_heads=lay.kv_heads // ranks, state_bytes=lay.state_bytes // ranks) for lay in layers]
     ] * ranks

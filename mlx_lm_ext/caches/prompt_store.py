@@ -89,8 +89,7 @@ def _cut_full(cache: Any) -> Any:
     out = KVCache()
     out.offset = cache.offset
     if cache.keys is not None:
-        out.keys, out.values = _rows(cache.keys, cache.offset), _rows(cache.values, cache.offset)
-        mx.eval(out.keys, out.values)
+        _cut(out, cache.keys, cache.values, cache.offset)
     return out
 
 
@@ -101,8 +100,7 @@ def _cut_ring(cache: Any) -> Any:
 
     out = copy.copy(cache)
     if cache.keys is not None and cache.offset < _length(cache.keys) and cache._idx == cache.offset:
-        out.keys, out.values = _rows(cache.keys, cache.offset), _rows(cache.values, cache.offset)
-        mx.eval(out.keys, out.values)
+        _cut(out, cache.keys, cache.values, cache.offset)
     return out
 
 
@@ -116,9 +114,14 @@ def _cut_quantized(cache: Any) -> Any:
     for name in ("_tail", "_views", "_pending"):
         vars(out).pop(name, None)
     if keys is not None:
-        out.keys, out.values = _rows(keys, cache.offset), _rows(values, cache.offset)
-        mx.eval(out.keys, out.values)
+        _cut(out, keys, values, cache.offset)
     return out
+
+
+def _cut(out: Any, keys: Any, values: Any, n: int) -> None:
+    """`out` holds the first n rows of keys and values, evaluated: no step padding."""
+    out.keys, out.values = _rows(keys, n), _rows(values, n)
+    mx.eval(out.keys, out.values)
 
 
 def _marked_like(source: Any, target: Any) -> Any:

@@ -36,6 +36,11 @@ class LayerKV:
     state_bytes: int = 0
     dtype_bytes: int = 2  # of the unquantized keys/values, and of the scales and biases
 
+    @property
+    def layer(self) -> int:
+        """The model layer this cache belongs to (`index` is "3", or "3.1" in a CacheList)."""
+        return int(self.index.split(".")[0])
+
     def tokens(self, context: int, bound: int | None = None) -> int:
         """Tokens held at `context`: a window or bound caps it, full attention holds all."""
         held = context if self.window is None else min(context, self.window)
