@@ -24,6 +24,14 @@ attention through two methods this fix adds to QuantizedKVCache: `stored_buffers
 quantized buffers as stored, no row flushed) and `decline_tail()` (back to upstream's
 per-token update, for shapes the kernel declines).
 
+The batched quantized cache (caches/batch_quantized.py, continuous batching) keeps the
+same tail: a batch step writes one row a request and the batch's mask keeps left padding
+out, as for 16 bits. So does the quantized ring (sliding-window layers, --max-kv-size),
+once it is full: its pending tokens are counted where the ring's own update counts them,
+and the ring rows they will replace carry -inf in a mask handed to attention with the
+tail (one array per step, shared by every ring layer). Both store their pending rows
+with `store_tail_rows`, into exactly the rows per-token updates would have written.
+
 Installed only where the flash kernel runs (`kernels.available`, probed) and this
 project's quantized attention reads tails; elsewhere a tail would cost a dequantization
 a step. No patch file: the series carries no CUDA kernels (an upstream PR would come
