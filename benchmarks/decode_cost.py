@@ -9,9 +9,10 @@ model's forward pass, which only records ops (build), then `mx.eval` hands each 
 the backend (on MLX's CUDA backend ~7-10 us an op) while the kernels run (eval). The
 two parts, per setting, on a cache filled to the context as kv_speed.py fills it:
 
-- step: build and eval milliseconds (medians of `--steps` steps, the garbage collector
-  off while timed) and the primitives in one step's graph by kind (mx.export_to_dot), for
-  unpatched 16-bit and patched quantized; per layer, each against 16-bit;
+- step: build and eval milliseconds (medians over `--rounds` turns of `--steps` steps,
+  the settings taking turns, the garbage collector off while timed) and the primitives in
+  one step's graph by kind (mx.export_to_dot), for unpatched 16-bit and patched
+  quantized; per layer, each against 16-bit;
 - kernel (where the flash kernel runs): one layer's decode attention launched
   `--launches` times in one evaluation, so issuing overlaps the kernels and the time per
   launch is the device's, for the fused 16-bit kernel and the flash kernel under each
@@ -51,12 +52,17 @@ def primitives(out: mx.array) -> Counter:
     )
 
 
-def step_times(model: Any, cache: list[Any], steps: int, warmup: int = 4) -> dict[str, Any]:
-    """Median build and eval milliseconds of one-token steps, and one step's ops."""
+def step_ops(model: Any, cache: list[Any], warmup: int = 4) -> Counter:
+    """One step's ops, after `warmup` evaluated steps (kernels compiled, tails made)."""
     token = mx.array([[7]])
     for _ in range(warmup):
         mx.eval(model(token, cache=cache))
-    ops = primitives(model(token, cache=cache))
+    return primitives(model(token, cache=cache))
+
+
+def step_times(model: Any, cache: list[Any], steps: int) -> tuple[list[float], list[float]]:
+    """Build and eval milliseconds of `steps` one-token steps."""
+    token = mx.array([[7]])
     build, run = [], []
     gc.collect()
     gc.disable()
@@ -70,27 +76,45 @@ def step_times(model: Any, cache: list[Any], steps: int, warmup: int = 4) -> dic
             run.append((time.perf_counter() - mid) * 1e3)
     finally:
         gc.enable()
-    return {
-        "build_ms": median(build),
-        "eval_ms": median(run),
-        "build_range": [min(build), max(build)],
-        "eval_range": [min(run), max(run)],
-        "ops": sum(ops.values()),
-        "op_kinds": dict(ops.most_common()),
-    }
+    return build, run
 
 
-def step_rows(model: Any, context: int, precisions: list, steps: int) -> list[dict[str, Any]]:
+def _with(bits, fn):
+    """fn() under the setting's delivery: unpatched 16-bit, patched quantized."""
+    _delivery(bits is not None, _settings(bits))
+    try:
+        return fn()
+    finally:
+        mlx_lm_ext.revert()
+
+
+def step_rows(model: Any, context: int, precisions: list, steps: int, rounds: int) -> list[dict[str, Any]]:
+    """Each setting's step times, the settings taking turns for `rounds` blocks of
+    `steps` steps (a host whose speed drifts slows them alike), medians over all steps."""
+    settings = (None, *precisions)
+    caches = {b: _with(b, lambda b=b: filled_cache(model, context, _settings(b))) for b in settings}
+    ops = {b: _with(b, lambda b=b: step_ops(model, caches[b])) for b in settings}
+    times = {b: ([], []) for b in settings}
+    for _ in range(rounds):
+        for b in settings:
+            build, run = _with(b, lambda b=b: step_times(model, caches[b], steps))
+            times[b][0].extend(build)
+            times[b][1].extend(run)
     rows = []
-    for bits in (None, *precisions):
-        _delivery(bits is not None, _settings(bits))
-        try:
-            cache = filled_cache(model, context, _settings(bits))
-            row = {"kind": "step", "context": context, "bits": bits, **step_times(model, cache, steps)}
-            row["layers"] = len(attention_layers(cache))
-        finally:
-            mlx_lm_ext.revert()
-            mx.clear_cache()
+    for b in settings:
+        build, run = times[b]
+        row = {
+            "kind": "step",
+            "context": context,
+            "bits": b,
+            "build_ms": median(build),
+            "eval_ms": median(run),
+            "build_range": [min(build), max(build)],
+            "eval_range": [min(run), max(run)],
+            "ops": sum(ops[b].values()),
+            "op_kinds": dict(ops[b].most_common()),
+            "layers": len(attention_layers(caches[b])),
+        }
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "op_kinds"}), flush=True)
     base = rows[0]
@@ -245,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = model_parser(__doc__)
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
-    parser.add_argument("--steps", type=int, default=32, help="decode steps timed per setting")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps a setting times per round")
+    parser.add_argument("--rounds", type=int, default=4, help="turns the settings take")
     parser.add_argument("--launches", type=int, default=64, help="kernel launches evaluated at once")
     parser.add_argument(
         "--plans",
@@ -258,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     name, model = load_model(args.model, args.config)
     rows = []
     for context in args.contexts:
-        rows += step_rows(model, context, args.bits, args.steps)
+        rows += step_rows(model, context, args.bits, args.steps, args.rounds)
+        mx.clear_cache()
     if kernels.available():
         shipped = (plan.FLASH_BLOCKS, plan.FLASH_UNROLL, plan.FLASH_BLOCK_WARPS)
         grid = list(itertools.product((264, 528, 1056), (2, 4, 8), (4, 8)))
