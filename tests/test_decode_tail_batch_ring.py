@@ -13,6 +13,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import RotatingKVCache
 
+from mlx_lm_ext.caches import prompt_store
 from mlx_lm_ext.caches.batch_quantized import BatchQuantizedKVCache
 from mlx_lm_ext.caches.quantized_rotating import QuantizedRotatingKVCache
 from mlx_lm_ext.fixes import quantized_attention
@@ -242,3 +243,22 @@ def test_a_ring_too_small_for_a_tail_quantizes_every_token(tail):
     k, v = _rows(200, batch=1)
     cache = _ring(k, v, 150, 2 * TAIL_ROWS - 1, 0)
     assert not vars(cache).get("_pending")
+
+
+def test_a_stored_prompt_cache_entry_leaves_the_rings_tail_behind(tail):
+    """The server stores a live ring (pending rows and all) in its prompt cache: the entry
+    holds the rows per-token updates store and no tail, and the live ring decodes on."""
+    k, v = _rows(300 + 90, batch=1, seed=8)
+    cache = _ring(k, v, 300, 256, 4)
+    assert vars(cache)["_pending"] > 0
+    (entry,) = prompt_store.for_storage([cache], None, 64)
+    assert not vars(entry).get("_pending") and "_tail" not in vars(entry)
+    decode_tail.FIX.revert()
+    try:
+        want = _ring_state(_ring(k, v, 300, 256, 4))
+    finally:
+        decode_tail.FIX.apply()
+    assert _equal(_ring_state(entry), want)
+    for t in range(5):
+        cache.update_and_fetch(k[..., t : t + 1, :], v[..., t : t + 1, :])
+    assert vars(cache)["_pending"] == 5 and _equal(_ring_state(entry), want)

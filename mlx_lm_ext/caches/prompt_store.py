@@ -95,27 +95,32 @@ def _cut_full(cache: Any) -> Any:
 
 def _cut_ring(cache: Any) -> Any:
     """A ring that has not wrapped holds its tokens at the front: cut the rest. A full
-    ring has no padding."""
-    import copy
-
-    out = copy.copy(cache)
-    if cache.keys is not None and cache.offset < _length(cache.keys) and cache._idx == cache.offset:
-        _cut(out, cache.keys, cache.values, cache.offset)
+    ring has no padding. A quantized ring's decode tail is left behind (`_untailed`)."""
+    out, keys, values = _untailed(cache)
+    if keys is not None and cache.offset < _length(keys) and cache._idx == cache.offset:
+        _cut(out, keys, values, cache.offset)
     return out
 
 
 def _cut_quantized(cache: Any) -> Any:
-    """A cache live decoding quantized, in its format, cut to its tokens; a decode tail's
-    pending rows are quantized first (reading `keys` does it) and the tail left behind."""
+    """A cache live decoding quantized, in its format, cut to its tokens."""
+    out, keys, values = _untailed(cache)
+    if keys is not None:
+        _cut(out, keys, values, cache.offset)
+    return out
+
+
+def _untailed(cache: Any) -> tuple[Any, Any, Any]:
+    """A shallow copy of the cache without a decode tail (fixes/quantized_decode_tail.py),
+    and its keys and values: reading them quantizes the pending rows into the live
+    cache's buffers first, so the copy never writes into buffers the two share."""
     import copy
 
     keys, values = cache.keys, cache.values
     out = copy.copy(cache)
     for name in ("_tail", "_views", "_pending"):
         vars(out).pop(name, None)
-    if keys is not None:
-        _cut(out, keys, values, cache.offset)
-    return out
+    return out, keys, values
 
 
 def _cut(out: Any, keys: Any, values: Any, n: int) -> None:
