@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 import mlx.core as mx
-from kv_speed import load_model, model_parser
+from kv_speed import load_model, model_parser, vocab_size
 from results_io import emit, header
 
 import mlx_lm_ext
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bits", type=int, default=8)
     args = parser.parse_args(argv)
     name, model = load_model(args.model, args.config)
-    vocab = model.model.embed_tokens.weight.shape[0] if hasattr(model, "model") else 512
+    vocab = vocab_size(model)
     rows = run(model, args.requests, args.prompt, args.tokens, args.bits, vocab)
     result = {
         **header(name),

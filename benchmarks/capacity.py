@@ -12,8 +12,9 @@ of `--prefill-step-size` tokens, every request then decoding together. Each requ
 
 For each precision the request count starts at what the cache bytes predict
 (`report.memory`'s exact per-token bytes: (limit - weights) / bytes of one request at
-the context) and steps down until MLX's peak memory over the whole run, prefill
-included, stays under the limit; each try is a full run. Reported per precision: the
+the context), steps down (by the excess in requests' caches, at most by half) until
+MLX's peak memory over the whole run, prefill included, stays under the limit, then
+bisects up to the most that do (`--tries` full runs at most). Reported per precision: the
 requests that fit, the peak of the prefill phase and of the decode phase apart (the
 peak must come from the caches, not from prefilling, or the savings never reach the
 user), and aggregate decode tok/s with every request decoding (median of the steps).
@@ -28,8 +29,8 @@ from statistics import median
 from typing import Any
 
 import mlx.core as mx
-from kv_speed import load_model, model_parser
-from results_io import emit, header
+from kv_speed import load_model, model_parser, vocab_size
+from results_io import emit, header, kv_label
 
 import mlx_lm_ext
 from mlx_lm_ext.report.memory import kv_bytes, model_layout
@@ -71,6 +72,7 @@ def serve(model: Any, n: int, context: int, bits: int | None, args: Any, vocab: 
             start = time.perf_counter()
             _, responses = gen.next()
             if prefill_peak is None and len(gen._generation_batch) == n:
+                mx.synchronize()  # the last chunk's buffers are freed as the GPU finishes it
                 prefill_peak = mx.get_peak_memory()  # every request prefilled: decode from here
                 prefill_s = time.perf_counter() - tic
                 mx.reset_peak_memory()
@@ -99,11 +101,12 @@ def serve(model: Any, n: int, context: int, bits: int | None, args: Any, vocab: 
 def fit(
     model: Any, bits: int | None, args: Any, weights: int, per_request: int, vocab: int
 ) -> dict[str, Any]:
-    """The most requests whose whole run peaks under the limit, stepping down from the
-    prediction by the bytes the last try went over."""
+    """The most requests whose whole run peaks under the limit: down from the prediction
+    (an upper bound: weights and caches alone) by the bytes a try went over until one
+    fits, then bisecting between the most that fit and the fewest that did not."""
     limit = int(args.limit_gib * GIB)
     n = max(1, (limit - weights) // per_request)
-    tries = []
+    tries, best, fewest_over = [], None, None
     while n >= 1 and len(tries) < args.tries:
         row = serve(model, n, args.context, bits, args, vocab)
         tries.append(
@@ -111,9 +114,18 @@ def fit(
         )
         print(json.dumps({"bits": bits, **row}), flush=True)
         if row["peak_bytes"] <= limit:
-            return {**row, "tries": tries}
-        n -= max(1, math.ceil((row["peak_bytes"] - limit) / per_request))
-    return {"requests": 0, "tries": tries}
+            best = row
+        else:
+            fewest_over = n
+        if best is None:  # down by the excess in requests' caches, at most by half
+            n = max(n // 2, n - max(1, math.ceil((row["peak_bytes"] - limit) / per_request)))
+        elif fewest_over is None:
+            break  # the prediction fit: one more request exceeds the limit by its cache alone
+        else:
+            n = (best["requests"] + fewest_over) // 2
+            if n == best["requests"]:
+                break
+    return {**best, "tries": tries} if best else {"requests": 0, "tries": tries}
 
 
 def run(model: Any, precisions: list[int | None], args: Any, vocab: int) -> list[dict[str, Any]]:
@@ -147,7 +159,7 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        kv = "16-bit" if r["bits"] is None else f"{r['bits']}-bit"
+        kv = kv_label(r["bits"])
         if not r["requests"]:
             lines.append(f"| {kv} | {r['kv_bytes_per_request'] / 2**20:.0f} MiB | 0 | | | | | |")
             continue
@@ -160,7 +172,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _bits(text: str) -> int | None:
+def bits_arg(text: str) -> int | None:
     return None if text == "16" else int(text)
 
 
@@ -168,16 +180,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = model_parser(__doc__)
     parser.add_argument("--context", type=int, default=32768, help="prompt tokens a request")
     parser.add_argument("--limit-gib", type=float, required=True, help="memory limit, weights included")
-    parser.add_argument("--bits", type=_bits, nargs="+", default=[None, 8, 4], help="16, 8, 4, ...")
+    parser.add_argument("--bits", type=bits_arg, nargs="+", default=[None, 8, 4], help="16, 8, 4, ...")
     parser.add_argument("--tokens", type=int, default=16, help="tokens each request generates")
     parser.add_argument(
         "--prompt-concurrency", type=int, default=8, help="prompts prefilled together (server default 8)"
     )
     parser.add_argument("--prefill-step-size", type=int, default=2048)
-    parser.add_argument("--tries", type=int, default=3, help="runs per precision at most")
+    parser.add_argument("--tries", type=int, default=6, help="runs per precision at most")
     args = parser.parse_args(argv)
     name, model = load_model(args.model, args.config)
-    vocab = model.model.embed_tokens.weight.shape[0] if hasattr(model, "model") else 512
+    vocab = vocab_size(model)
     rows = run(model, args.bits, args, vocab)
     keys = ("context", "limit_gib", "tokens", "prompt_concurrency", "prefill_step_size")
     emit({**header(name), **{k: getattr(args, k) for k in keys}, "rows": rows}, args.json, markdown)

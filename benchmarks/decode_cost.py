@@ -22,7 +22,6 @@ two parts, per setting, on a cache filled to the context as kv_speed.py fills it
 
 from __future__ import annotations
 
-import gc
 import io
 import itertools
 import json
@@ -38,7 +37,7 @@ from results_io import emit, header
 import mlx_lm_ext
 from mlx_lm_ext import kernels
 from mlx_lm_ext.kernels import launch, plan
-from mlx_lm_ext.report.measure import attention_layers, filled_cache
+from mlx_lm_ext.report.measure import attention_layers, filled_cache, no_gc
 
 GROUP = 64
 
@@ -64,9 +63,7 @@ def step_times(model: Any, cache: list[Any], steps: int) -> tuple[list[float], l
     """Build and eval milliseconds of `steps` one-token steps."""
     token = mx.array([[7]])
     build, run = [], []
-    gc.collect()
-    gc.disable()
-    try:
+    with no_gc():
         for _ in range(steps):
             tic = time.perf_counter()
             out = model(token, cache=cache)
@@ -74,8 +71,6 @@ def step_times(model: Any, cache: list[Any], steps: int) -> tuple[list[float], l
             mx.eval(out)
             build.append((mid - tic) * 1e3)
             run.append((time.perf_counter() - mid) * 1e3)
-    finally:
-        gc.enable()
     return build, run
 
 

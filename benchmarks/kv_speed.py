@@ -71,6 +71,11 @@ def load_model(model: str | None, config: Path | None) -> tuple[str, Any]:
     return name, load(source)[0]
 
 
+def vocab_size(model: Any) -> int:
+    """Token ids a benchmark's prompts may use."""
+    return model.model.embed_tokens.weight.shape[0] if hasattr(model, "model") else 512
+
+
 ROTATE = {"rot": "keys", "rot-kv": "all"}
 KEEP_SLIDING = "keep-sliding"  # sliding-window layers stay 16-bit (--keep-sliding-kv)
 
@@ -89,38 +94,38 @@ def precision(text: str) -> int | str:
     return text
 
 
-def _widths(bits: int | str) -> tuple[int, int, str | None]:
-    """(key bits, value bits, rotation) of a precision."""
+def _widths(bits: int | str) -> tuple[int, int, str | None, bool]:
+    """(key bits, value bits, rotation, sliding layers kept) of a precision."""
     if isinstance(bits, int):
-        return bits, bits, None
+        return bits, bits, None, False
     widths, *options = bits.split("+")
     w = parse_widths(widths)[0]
     key, value = (w, w) if isinstance(w, int) else w
     rotate = [ROTATE[o] for o in options if o != KEEP_SLIDING]
     if len(rotate) > 1:
         raise ValueError(bits)
-    return key, value, rotate[0] if rotate else None
+    return key, value, rotate[0] if rotate else None, KEEP_SLIDING in options
 
 
 def affine_limit(bits: int | str | None, dtype_bytes: int = 2) -> float:
     """Bytes of a quantized row over a 16-bit row: packed bits plus a scale and bias per group."""
     if bits is None:
         return 1.0
-    key, value, _ = _widths(bits)
+    key, value, *_ = _widths(bits)
     return ((key + value) / 16 + 2 * dtype_bytes / GROUP) / dtype_bytes
 
 
 def _settings(bits: int | str | None) -> KVSettings:
     if bits is None or isinstance(bits, int):
         return KVSettings(kv_bits=bits, kv_group_size=GROUP, quantized_kv_start=0)
-    key, value, rotate = _widths(bits)
+    key, value, rotate, keep_sliding = _widths(bits)
     return KVSettings(
         kv_bits=key,
         kv_value_bits=value,
         kv_rotate=rotate,
         kv_group_size=GROUP,
         quantized_kv_start=0,
-        quantize_sliding=KEEP_SLIDING not in bits.split("+"),
+        quantize_sliding=not keep_sliding,
     )
 
 

@@ -23,6 +23,11 @@ def header(model: str) -> dict[str, str]:
     return {"model": model, "machine": machine(), "mlx_lm": version("mlx-lm")}
 
 
+def kv_label(bits: int | None) -> str:
+    """`16-bit` or `8-bit`: a table's KV column."""
+    return "16-bit" if bits is None else f"{bits}-bit"
+
+
 def emit(result: dict[str, Any], path: Path | None, markdown: Callable[[dict[str, Any]], str]) -> None:
     """Write the result as JSON to `path` (when given) and print its markdown table."""
     if path is not None:

@@ -116,10 +116,11 @@ def _untailed(cache: Any) -> tuple[Any, Any, Any]:
     cache's buffers first, so the copy never writes into buffers the two share."""
     import copy
 
+    from ..fixes.quantized_decode_tail import leave_tail
+
     keys, values = cache.keys, cache.values
     out = copy.copy(cache)
-    for name in ("_tail", "_views", "_pending"):
-        vars(out).pop(name, None)
+    leave_tail(out)
     return out, keys, values
 
 

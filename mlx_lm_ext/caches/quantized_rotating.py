@@ -32,6 +32,16 @@ def _seq(v: tuple[mx.array, ...], start: int | None = None, stop: int | None = N
     return tuple(x[..., start:stop, :] for x in v)
 
 
+def last_writes(size: int, keep: int, idx: int, n: int) -> tuple[int, int]:
+    """Where a ring of `size` rows that wraps to `keep` holds its last n writes, the
+    newest just before `idx`: rows start .. start + first, then keep .. keep + n - first.
+    One rule for the decode tail's flush and for its mask over the rows it replaces."""
+    start = idx - n
+    if start < keep:
+        start += size - keep
+    return start, min(n, size - start)
+
+
 class QuantizedRotatingKVCache(_BaseCache):
     """A fixed-size ring of quantized keys and values (see the module docstring)."""
 
@@ -133,10 +143,7 @@ class QuantizedRotatingKVCache(_BaseCache):
         rotated (a 16-bit decode tail's, fixes/quantized_decode_tail.py), quantized into
         the rows they replace: n rows ending before `_idx`, wrapping to `keep`."""
         n = keys.shape[2]
-        start = self._idx - n
-        if start < self.keep:
-            start += self.max_size - self.keep
-        first = min(n, self.max_size - start)
+        start, first = last_writes(self.max_size, self.keep, self._idx, n)
         quantized = kv_format.quantize_kv(self, keys, values, rotated=True)
         for dst, src in zip((self.keys, self.values), quantized, strict=True):
             for d, s in zip(dst, src, strict=True):

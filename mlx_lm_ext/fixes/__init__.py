@@ -14,6 +14,7 @@ from . import (
     batchable_fallback,
     batched_quantized_kv,
     client_disconnect,
+    cuda_prefill,
     hybrid_quantize,
     kv_format,
     max_kv_size,
@@ -51,6 +52,7 @@ FIXES: list[Fix] = [
     server_lifecycle.FIX,
     prompt_cache_full_hit.FIX,
     prompt_cache_bits.FIX,
+    cuda_prefill.FIX,
 ]
 BY_NAME = {f.name: f for f in FIXES}
 _order: list[str] = []  # names in the order applied, for a newest-first revert

@@ -49,7 +49,7 @@ import mlx.core as mx
 from .. import kernels
 from ..caches import kv_format
 from ..caches.batch_quantized import BatchQuantizedKVCache
-from ..caches.quantized_rotating import QuantizedRotatingKVCache
+from ..caches.quantized_rotating import QuantizedRotatingKVCache, last_writes
 from . import quantized_attention
 from .base import Fix, Patcher
 
@@ -180,9 +180,9 @@ def _stale_mask(size: int, keep: int, idx: int, n: int) -> mx.array:
     before `idx`, wrapping to `keep`) will replace, 0 on the rest and on the tail. One
     array for every ring layer of a step, and for each step after a lap."""
     row = [0.0] * (size + n)
-    for i in range(1, n + 1):
-        p = idx - i
-        row[p if p >= keep else p + size - keep] = -float("inf")
+    start, first = last_writes(size, keep, idx, n)
+    for p in (*range(start, start + first), *range(keep, keep + n - first)):
+        row[p] = -float("inf")
     return mx.array([row], mx.float32)
 
 
@@ -282,6 +282,16 @@ def stored_buffers(self) -> tuple[Any, Any]:
 def decline_tail(self) -> None:
     """Quantize every token from the next update on, as upstream does (see Tail.decline)."""
     vars(self)["_tail_off"] = True
+
+
+TAIL_STATE = ("_tail", "_views", "_pending", "_tail_off")  # what a cache holds for its tail
+
+
+def leave_tail(copied: Any) -> None:
+    """A shallow copy of a flushed cache keeps none of the tail's state (its rows, the
+    views over shared buffers, the count, a declined tail): it starts without one."""
+    for name in TAIL_STATE:
+        vars(copied).pop(name, None)
 
 
 def flush_all() -> None:

@@ -111,7 +111,7 @@ def generation_rate(model: Any, cache: list[Any], steps: int = 32, warmup: int =
     """
     from mlx_lm.generate import generate_step
 
-    with _no_gc():
+    with no_gc():
         tic = time.perf_counter()
         for n, _ in enumerate(
             generate_step(mx.array([7]), model, max_tokens=steps + warmup, prompt_cache=cache)
@@ -127,7 +127,7 @@ def decode_rate(model: Any, cache: list[Any], steps: int = 32, warmup: int = 2) 
     token = mx.array([[7]])
     for _ in range(warmup):
         mx.eval(model(token, cache=cache))
-    with _no_gc():
+    with no_gc():
         tic = time.perf_counter()
         for _ in range(steps):
             mx.eval(model(token, cache=cache))
@@ -135,7 +135,7 @@ def decode_rate(model: Any, cache: list[Any], steps: int = 32, warmup: int = 2) 
 
 
 @contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
+def no_gc() -> Iterator[None]:
     """Timed decode without Python's cyclic collector, whose passes over the objects a
     step makes land in some timed blocks and not others."""
     gc.collect()

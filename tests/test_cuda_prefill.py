@@ -1,0 +1,167 @@
+"""cuda-prefill: prompt chunks paced layer by layer and batch masks made additive leave
+every token as it was; decode steps are left alone; revert restores every binding.
+
+The fix is installed only on CUDA, so these CPU tests install it by hand; the memory it
+saves is a GPU figure (the `gpu` test below, and benchmarks/prefill_memory.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models import base, llama
+from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, RotatingKVCache
+
+from mlx_lm_ext.caches.quantized_rotating import QuantizedRotatingKVCache
+from mlx_lm_ext.fixes import cuda_prefill
+from mlx_lm_ext.report.memory import model_from_config
+
+CONFIG = Path(__file__).parents[1] / "benchmarks" / "configs" / "llama-3.1-8b.json"
+LAYERS = 4
+
+
+def _model(layers: int = LAYERS, hidden: int = 128, mlp: int = 256):
+    config = json.loads(CONFIG.read_text())
+    config.update(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=mlp,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+    )
+    mx.random.seed(0)
+    net = model_from_config(config)
+    mx.eval(net.parameters())
+    return net
+
+
+@pytest.fixture
+def fix():
+    cuda_prefill.FIX.apply()
+    yield cuda_prefill.FIX
+    cuda_prefill.FIX.revert()
+
+
+def _greedy(model, prompts: list[list[int]], tokens: int = 6, step: int = 128) -> list[list[int]]:
+    gen = BatchGenerator(model, max_tokens=tokens, prefill_step_size=step, stop_tokens=[])
+    uids = gen.insert(prompts)
+    out = {u: [] for u in uids}
+    try:
+        while True:
+            _, responses = gen.next()
+            for r in responses:
+                out[r.uid].append(r.token)
+            busy = gen._unprocessed_sequences or len(gen._prompt_batch) or len(gen._generation_batch)
+            if not (responses or busy):
+                break
+    finally:
+        gen.close()
+    return [out[u] for u in uids]
+
+
+def test_batched_greedy_tokens_unchanged():
+    """Prompts of unequal lengths (padding masks) in chunks over the 64-token line."""
+    model = _model()
+    prompts = [[(7 * i + 3 * j) % 290 + 5 for j in range(n)] for i, n in enumerate((300, 170, 65))]
+    before = _greedy(model, prompts)
+    cuda_prefill.FIX.apply()
+    try:
+        after = _greedy(model, prompts)
+    finally:
+        cuda_prefill.FIX.revert()
+    assert after == before and all(len(t) == 6 for t in after)
+
+
+def test_prompt_chunks_paced_once_a_layer_decode_never(fix, monkeypatch):
+    started = []
+    monkeypatch.setattr(cuda_prefill.mx, "async_eval", lambda *a: started.append(a))
+    model = _model()
+    cache = [KVCache() for _ in range(LAYERS)]
+    mx.eval(model(mx.array([list(range(5, 5 + 200))]), cache=cache))
+    assert len(started) == LAYERS
+    assert len(cuda_prefill._IN_FLIGHT) == 1  # the last layer's write: started, not awaited
+    mx.eval(model(mx.array([[7]]), cache=cache))
+    mx.eval(model(mx.array([list(range(5, 45))]), cache=cache))  # under 64 rows, no growth
+    assert len(started) == LAYERS
+    while cache[0].offset < cache[0].keys.shape[-2]:  # decode to the buffer's end
+        mx.eval(model(mx.array([[7]]), cache=cache))
+    assert len(started) == LAYERS
+    mx.eval(model(mx.array([[7]]), cache=cache))  # this step grows every layer's buffer
+    assert len(started) == 2 * LAYERS
+
+
+def test_marker_runs_the_write_and_holds_nothing(fix):
+    cache = QuantizedKVCache(group_size=64, bits=8)
+    k = mx.random.normal((1, 2, 100, 64))
+    out = cache.update_and_fetch(k, k)
+    marker = cuda_prefill._IN_FLIGHT[0]
+    assert marker.shape == () and marker.dtype == mx.float32
+    mx.eval(marker)
+    expected = sum(x[(0,) * x.ndim].astype(mx.float32) for x in (*out[0], *out[1]))
+    assert mx.allclose(marker, expected).item()
+
+
+def test_prompt_masks_become_additive_decode_masks_stay(fix, monkeypatch):
+    seen = []
+    inner = cuda_prefill.FIX.patcher.original(base, "scaled_dot_product_attention")
+
+    def spy(*args, mask, **kwargs):
+        seen.append(mask)
+        return inner(*args, mask=mask, **kwargs)
+
+    wrapped = cuda_prefill.additive_masks(spy)
+    q = mx.random.normal((2, 4, 3, 64))
+    k = mx.random.normal((2, 2, 5, 64))
+    mask = mx.array([[[[True] * 5] * 3], [[[False, True, True, True, True]] * 3]])
+    ref = inner(q, k, k, None, scale=0.1, mask=mask)
+    out = wrapped(q, k, k, None, scale=0.1, mask=mask)
+    assert seen[-1].dtype == q.dtype and seen[-1][1, 0, 0, 0].item() == -float("inf")
+    assert mx.allclose(out, ref, atol=1e-5).item()
+    wrapped(q[:, :, :1], k, k, None, scale=0.1, mask=mask[:, :, :1])
+    assert seen[-1].dtype == mx.bool_
+
+
+def test_revert_restores_every_binding():
+    classes = cuda_prefill.cache_classes()
+    before = {cls: vars(cls)["update_and_fetch"] for cls in classes}
+    attention = llama.scaled_dot_product_attention
+    assert {KVCache, RotatingKVCache, BatchKVCache, QuantizedRotatingKVCache} <= set(classes)
+    cuda_prefill.FIX.apply()
+    assert cuda_prefill.installed() and llama.scaled_dot_product_attention is not attention
+    assert not cuda_prefill.FIX.needed()  # applied once, never twice
+    cuda_prefill.FIX.revert()
+    assert {cls: vars(cls)["update_and_fetch"] for cls in classes} == before
+    assert llama.scaled_dot_product_attention is attention and not cuda_prefill.installed()
+    assert cuda_prefill.FIX.needed() is cuda_prefill.on_cuda()
+
+
+@pytest.mark.gpu
+def test_prefill_peak_bounded_on_cuda():
+    """8 prompts x 1024 tokens through a 16-layer model: without the fix every layer's
+    intermediates are alive at the chunk's end; with it about two layers'."""
+    if not cuda_prefill.on_cuda():
+        pytest.skip("needs MLX's CUDA backend")
+    model = _model(layers=16, hidden=1024, mlp=4096)
+    prompts = [[(7 * i + j) % 290 + 5 for j in range(1024)] for i in range(8)]
+
+    def peak() -> int:
+        mx.synchronize()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base_bytes = mx.get_active_memory()
+        _greedy(model, prompts, tokens=1, step=1024)
+        return mx.get_peak_memory() - base_bytes
+
+    peak()  # warm-up
+    upstream = peak()
+    cuda_prefill.FIX.apply()
+    try:
+        patched = peak()
+    finally:
+        cuda_prefill.FIX.revert()
+    assert patched < 0.4 * upstream, (patched, upstream)
