@@ -262,3 +262,13 @@ def test_a_stored_prompt_cache_entry_leaves_the_rings_tail_behind(tail):
     for t in range(5):
         cache.update_and_fetch(k[..., t : t + 1, :], v[..., t : t + 1, :])
     assert vars(cache)["_pending"] == 5 and _equal(_ring_state(entry), want)
+
+
+def test_a_stored_entry_starts_without_the_live_rings_tail_state(tail):
+    """Not even a declined tail (the mask-inside-the-ring path) follows the entry."""
+    k, v = _rows(300 + 90, batch=1, seed=9)
+    cache = _ring(k, v, 300, 256, 4)
+    cache.decline_tail()
+    (entry,) = prompt_store.for_storage([cache], None, 64)
+    assert vars(cache)["_tail_off"]
+    assert not {"_tail", "_views", "_pending", "_tail_off"} & set(vars(entry))
