@@ -30,7 +30,7 @@ from typing import Any
 
 import mlx.core as mx
 from kv_speed import load_model, model_parser, vocab_size
-from results_io import emit, header, kv_label
+from results_io import emit, header, kv_label, title
 
 import mlx_lm_ext
 from mlx_lm_ext.report.memory import kv_bytes, model_layout
@@ -149,7 +149,7 @@ def run(model: Any, precisions: list[int | None], args: Any, vocab: int) -> list
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"{result['model']}; {result['machine']}; mlx-lm {result['mlx_lm']}; "
+        f"{title(result)}; "
         f"{result['context']}-token requests, limit {result['limit_gib']} GiB, "
         f"prompt concurrency {result['prompt_concurrency']}, "
         f"prefill step {result['prefill_step_size']}",

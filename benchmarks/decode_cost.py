@@ -32,7 +32,7 @@ from typing import Any
 
 import mlx.core as mx
 from kv_speed import _delivery, _settings, load_model, model_parser
-from results_io import emit, header
+from results_io import emit, header, title
 
 import mlx_lm_ext
 from mlx_lm_ext import kernels
@@ -224,7 +224,7 @@ def _plan_arg(text: str) -> tuple[int, int, int]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"{result['model']}; {result['machine']}; mlx-lm {result['mlx_lm']}",
+        title(result),
         "",
         "| context | KV | build ms | eval ms | ops | build us/layer vs 16-bit | eval us/layer vs 16-bit "
         "| ops/layer vs 16-bit |",

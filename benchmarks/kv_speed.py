@@ -38,7 +38,7 @@ from statistics import median
 from typing import Any
 
 import mlx.core as mx
-from results_io import emit, header
+from results_io import emit, header, title
 
 import mlx_lm_ext
 from mlx_lm_ext.report.measure import (
@@ -313,7 +313,7 @@ def _section(rows: list[dict], kind: str, cells: int, render) -> list[str]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    head = f"{result['model']}; {result['machine']}; mlx-lm {result['mlx_lm']}, group {GROUP}"
+    head = f"{title(result)}, group {GROUP}"
     lines = [
         head,
         "",

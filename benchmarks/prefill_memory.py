@@ -24,7 +24,7 @@ from typing import Any
 import mlx.core as mx
 from capacity import GIB, bits_arg, serve
 from kv_speed import load_model, model_parser, vocab_size
-from results_io import emit, header, kv_label
+from results_io import emit, header, kv_label, title
 
 import mlx_lm_ext
 from mlx_lm_ext.fixes import cuda_prefill
@@ -80,8 +80,7 @@ def measure(model: Any, shape: tuple[int, int], bits: int | None, args: Any, voc
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"{result['model']}; {result['machine']}; mlx-lm {result['mlx_lm']}; "
-        f"prefill step {result['prefill_step_size']}, {result['rounds']} rounds",
+        f"{title(result)}; prefill step {result['prefill_step_size']}, {result['rounds']} rounds",
         "",
         "| prompts x tokens | KV | cache GiB | peak above weights GiB, upstream | patched "
         "| prefill tok/s, upstream | patched | x (min-max) |",

@@ -25,7 +25,7 @@ from typing import Any
 
 import mlx.core as mx
 from kv_speed import load_model, model_parser
-from results_io import emit, header
+from results_io import emit, header, title
 
 import mlx_lm_ext
 from mlx_lm_ext.caches import prompt_store
@@ -122,7 +122,7 @@ def run(model: Any, prefixes: list[int], bits: list[int], budget: int, rounds: i
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"{result['model']}; {result['machine']}; mlx-lm {result['mlx_lm']}, group 64",
+        f"{title(result)}, group 64",
         "",
         "| prefix | stored as | prefixes kept | x unpatched | MiB each | store ms/1K tok | fetch ms/1K tok "
         "| TTFT hit / miss |",

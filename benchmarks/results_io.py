@@ -23,6 +23,11 @@ def header(model: str) -> dict[str, str]:
     return {"model": model, "machine": machine(), "mlx_lm": version("mlx-lm")}
 
 
+def title(result: dict[str, Any]) -> str:
+    """`model; machine; mlx-lm X`: where a table's figures come from, its first line."""
+    return f"{result['model']}; {result['machine']}; mlx-lm {result['mlx_lm']}"
+
+
 def kv_label(bits: int | None) -> str:
     """`16-bit` or `8-bit`: a table's KV column."""
     return "16-bit" if bits is None else f"{bits}-bit"

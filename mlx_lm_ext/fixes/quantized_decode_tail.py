@@ -136,7 +136,7 @@ def batch_update_and_fetch(self, keys: mx.array, values: mx.array):
     writes one row a request (the batch's mask keeps left padding out, as for 16 bits)."""
     if not _takes_row(self, keys):
         flush(self)
-        return _original(BatchQuantizedKVCache, "update_and_fetch")(self, keys, values)
+        return FIX.original(BatchQuantizedKVCache, "update_and_fetch")(self, keys, values)
     _tail_row(self, keys, values)
     self.offset = self.offset + 1
     self._idx += 1
@@ -149,7 +149,7 @@ def ring_update_and_fetch(self, keys: mx.array, values: mx.array):
     ring rows its pending tokens will replace are masked out until they do."""
     if not (_takes_row(self, keys) and _ring_steady(self)):
         flush(self)
-        return _original(QuantizedRotatingKVCache, "update_and_fetch")(self, keys, values)
+        return FIX.original(QuantizedRotatingKVCache, "update_and_fetch")(self, keys, values)
     _tail_row(self, keys, values)
     if self._idx == self.max_size:
         self._idx = self.keep
@@ -251,7 +251,7 @@ def _stored(name: str) -> property:
 
 def trim(self, n: int) -> int:
     flush(self)
-    return _original(_patched_class(self), "trim")(self, n)
+    return FIX.original(_patched_class(self), "trim")(self, n)
 
 
 def _patched_class(cache: Any) -> type:
@@ -311,11 +311,6 @@ def _upstream(name: str) -> Any:
     from mlx_lm.models.cache import QuantizedKVCache
 
     return FIX.original(QuantizedKVCache, name)
-
-
-def _original(cls: type, name: str) -> Any:
-    """`cls`'s own method that this fix replaced (inherited where the class had none)."""
-    return FIX.original(cls, name)
 
 
 class QuantizedDecodeTail(Fix):
