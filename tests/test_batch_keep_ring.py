@@ -175,3 +175,21 @@ def _convert_and_decode():
     _same_tokens(batch, lone, rows)
     _decode(batch, lone, rows, MAX, 600)
     _same_tokens(batch, lone, rows)
+
+
+@pytest.mark.parametrize("bits", BITS, ids=["16-bit", "8-bit"])
+@pytest.mark.parametrize(
+    "history,lengths",
+    [(18, [6, 20]), (14, [9, 9])],
+    ids=["chunks-past-the-ring", "no-padding"],
+)
+def test_a_prompt_batch_mixing_a_cached_prefix_and_a_fresh_row(bits, history, lengths):
+    """A prompt-cache hit batched with a fresh request: the chunks' columns may run past
+    max_size (each row still fits its ring), and without padding there is no finalize;
+    the first decode step lays both rows out as alone."""
+    lone = Lone([7, 8], bits, history={7: history})
+    batch = _batch(bits).merge([lone.caches[7], lone.caches[8]])
+    _prefill(batch, lone, [7, 8], lengths, 700)
+    _same_tokens(batch, lone, [7, 8])
+    _decode(batch, lone, [7, 8], 2 * MAX, 800)
+    _same_tokens(batch, lone, [7, 8])

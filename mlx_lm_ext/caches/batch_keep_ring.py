@@ -23,8 +23,9 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import RotatingKVCache, _BaseCache, dynamic_roll
+from mlx_lm.models.cache import RotatingKVCache, _BaseCache
 
+from .. import layout
 from . import kv_format
 from .quantized_rotating import QuantizedRotatingKVCache
 
@@ -53,14 +54,19 @@ class BatchKeepRotatingKVCache(_BaseCache):
 
     def __init__(self, max_size: int, keep: int, batch: int):
         self.max_size, self.keep = max_size, keep
-        self.keys = self.values = self.valid = None  # (B, H, cap, D) x2, (B, cap)
+        self.keys = self.values = None  # (B, H, capacity, D), or quantized triples
         self._count = [0] * batch  # tokens each row has seen: its ring's offset
-        self._hole = [(keep, keep)] * batch  # a row's padding columns, [lo, hi)
-        self._width = 0  # columns written so far (at most max_size)
+        # The laid-out part: columns [0, head) and [keep, width) outside the hole [lo, hi).
+        self._head = [0] * batch
+        self._hole = [(keep, keep)] * batch
+        self._width = 0
         self._idx = 0  # the next column the pointer writes once the ring is full
         self._wrapped = False
+        # Prompt chunks since the last layout: each row's tokens at [start, start + n).
+        self._chunks: tuple[int, int] | None = None  # (start column, columns written)
+        self._prompt = [0] * batch
         self._remaining: list[int] | None = None  # prompt tokens left a row (prepare)
-        self._junk = [0] * batch  # right-padding columns a prompt chunk left a row
+        self._plan = None  # the layout the next decode step makes (make_mask computes it)
 
     # -- what models read ------------------------------------------------------------
     @property
@@ -68,7 +74,7 @@ class BatchKeepRotatingKVCache(_BaseCache):
         return mx.array(self._count)
 
     def size(self) -> int:
-        return self._width
+        return max(self._count, default=0)
 
     def empty(self) -> bool:
         return self.keys is None
@@ -79,32 +85,34 @@ class BatchKeepRotatingKVCache(_BaseCache):
 
     @property
     def state(self):
-        return self.keys, self.values, self.valid
+        return self.keys, self.values
 
     def is_trimmable(self) -> bool:
         return False
 
     def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> mx.array:
-        """Which columns each query sees after this update: the row's tokens, and in a
-        prompt chunk the chunk's own columns up to the query (causal)."""
+        """The columns each query sees: the row's tokens, and in a prompt chunk the
+        chunk's own columns up to the query."""
         if N == 1:
+            self._layout()
             col, width = self._next_column()
-            seen = self._valid_columns(width)
-            return (seen | (mx.arange(width) == col))[:, None, None, :]
-        width = self._width + N
-        seen = self._valid_columns(self._width)[:, None, :]
-        chunk = mx.arange(N)[:, None] >= mx.arange(N)[None]
-        seen = mx.broadcast_to(seen, (seen.shape[0], N, self._width))
-        chunk = mx.broadcast_to(chunk, (seen.shape[0], N, N))
-        return mx.concatenate([seen, chunk], axis=-1).reshape(-1, 1, N, width)
+            return (self._valid(width) | (mx.arange(width) == col))[:, None, None, :]
+        start, written = self._chunks or (self._width, 0)
+        width = start + written
+        seen = mx.broadcast_to(self._valid(width)[:, None, :], (len(self._count), N, width))
+        causal = mx.broadcast_to(mx.arange(N)[:, None] >= mx.arange(N)[None], (len(self._count), N, N))
+        return mx.concatenate([seen, causal], axis=-1)[:, None]
 
-    def _valid_columns(self, width: int) -> mx.array:
-        batch = len(self._count)
-        if self.valid is None:
-            return mx.zeros((batch, width), mx.bool_)
-        have = min(width, self.valid.shape[1])
-        cols = self.valid[:, :have]
-        return mx.pad(cols, [(0, 0), (0, width - have)]) if have < width else cols
+    def _valid(self, width: int) -> mx.array:
+        """(batch, width) bool: which columns hold each row's tokens."""
+        cols = mx.arange(width)[None]
+        lo, hi = [h[0] for h in self._hole], [h[1] for h in self._hole]
+        head, lo, hi = (mx.array(x)[:, None] for x in (self._head, lo, hi))
+        laid = (cols < head) | ((cols >= self.keep) & (cols < self._width) & ~((cols >= lo) & (cols < hi)))
+        if self._chunks is None:
+            return laid
+        start = self._chunks[0]
+        return (laid & (cols < start)) | ((cols >= start) & (cols < start + mx.array(self._prompt)[:, None]))
 
     # -- writes ----------------------------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array):
@@ -116,46 +124,96 @@ class BatchKeepRotatingKVCache(_BaseCache):
         """(column this decode step writes, width after it)."""
         if self._width < self.max_size:
             return self._width, self._width + 1
-        idx = self.keep if self._idx >= self.max_size else self._idx
-        return idx, self._width
+        return (self.keep if self._idx >= self.max_size else self._idx), self._width
 
     def _update_in_place(self, keys: mx.array, values: mx.array):
+        self._layout()
         col, width = self._next_column()
         keys, values = self._incoming(keys, values)
         self._ensure(keys, values, width)
         _put(self.keys, col, keys)
         _put(self.values, col, values)
-        self.valid[:, col] = True
         if self._width >= self.max_size:
             self._wrapped = True
-            self._hole = [(max(lo, col + 1), hi) if lo <= col < hi else (lo, hi) for lo, hi in self._hole]
-        self._width = width
-        self._idx = col + 1
+            self._hole = [self._past(col, lo, hi) for lo, hi in self._hole]
+        self._width, self._idx = width, col + 1
         self._count = [c + 1 for c in self._count]
         return self._fetch(width)
 
+    def _past(self, col: int, lo: int, hi: int) -> tuple[int, int]:
+        """A row's padding once the pointer has written `col` (consumed: none)."""
+        if not lo <= col < hi:
+            return lo, hi
+        return (col + 1, hi) if col + 1 < hi else (self.keep, self.keep)
+
     def _update_concat(self, keys: mx.array, values: mx.array):
         n = keys.shape[2]
-        if self._width + n > self.max_size or self._wrapped:
-            raise NotImplementedError(
-                f"a prompt chunk past the ring ({self._width} + {n} > {self.max_size} tokens) "
-                "is not batched with keep; serve it alone"
-            )
         if self._remaining is None:
             real = [n] * len(self._count)
         else:
             real = [max(0, min(n, r)) for r in self._remaining]
             self._remaining = [r - k for r, k in zip(self._remaining, real, strict=True)]
+        if any(c + k > self.max_size for c, k in zip(self._count, real, strict=True)):
+            raise NotImplementedError(
+                f"a prompt past the ring ({self.max_size} tokens) is not batched with keep; serve it alone"
+            )
+        start, written = self._chunks or (self._width, 0)
         keys, values = self._incoming(keys, values)
-        self._ensure(keys, values, self._width + n)
-        _put(self.keys, self._width, keys)
-        _put(self.values, self._width, values)
-        self.valid[:, self._width : self._width + n] = mx.arange(n)[None] < mx.array(real)[:, None]
-        self._junk = [j + n - k for j, k in zip(self._junk, real, strict=True)]
+        self._ensure(keys, values, start + written + n)
+        _put(self.keys, start + written, keys)
+        _put(self.values, start + written, values)
+        self._chunks = (start, written + n)
+        self._prompt = [p + k for p, k in zip(self._prompt, real, strict=True)]
         self._count = [c + k for c, k in zip(self._count, real, strict=True)]
-        self._width += n
-        self._idx = self._width
-        return self._fetch(self._width)
+        return self._fetch(start + written + n)
+
+    # -- layout: [first keep tokens][padding][the rest, oldest first] -------------------
+    def _columns(self, r: int) -> mx.array:
+        """Row r's token columns, oldest first."""
+        lo, hi = self._hole[r]
+        idx = self._idx if self._wrapped else self.keep
+        parts = [(0, self._head[r]), (max(idx, hi), self._width), (self.keep, idx)]
+        if self._chunks is not None:
+            parts.append((self._chunks[0], self._chunks[0] + self._prompt[r]))
+        return mx.concatenate([mx.arange(a, b) for a, b in parts if b > a] or [mx.array([], mx.int32)])
+
+    def _layout(self) -> None:
+        """Lay prompt chunks' rows out for decoding (once, at the first step after them)."""
+        if self._chunks is None:
+            return
+        width = max(self._count)
+        index, head, hole = [], [], []
+        for r, n in enumerate(self._count):
+            cols, h = self._columns(r), min(self.keep, n)
+            fill = mx.zeros((width - n,), mx.int32)
+            index.append(
+                mx.concatenate([cols[:h], fill, cols[h:]]) if h == self.keep else mx.concatenate([cols, fill])
+            )
+            head.append(h)
+            hole.append(
+                (self.keep, self.keep + width - n) if h == self.keep else (self.keep, max(self.keep, width))
+            )
+        order = mx.stack(index)
+
+        def take(x):
+            return mx.take_along_axis(x, order[:, None, :, None], axis=2)
+
+        self.keys, self.values = _each(take, self.keys), _each(take, self.values)
+        self._head, self._hole, self._width, self._idx, self._wrapped = head, hole, width, width, False
+        self._chunks, self._prompt = None, [0] * len(self._count)
+
+    def _ensure(self, keys, values, width: int) -> None:
+        """Room for `width` columns, grown in steps of `step`."""
+        cap = 0 if self.keys is None else _length(self.keys)
+        if width <= cap:
+            return
+        new = min(max(width, cap + self.step), max(self.max_size, width)) - cap
+        k, v = self._zeros(keys, new), self._zeros(values, new)
+        if self.keys is None:
+            self.keys, self.values = k, v
+            return
+        cat = lambda a, b: mx.concatenate([a, b], axis=2)  # noqa: E731
+        self.keys, self.values = _each2(cat, self.keys, k), _each2(cat, self.values, v)
 
     # -- what the storage is: 16-bit rows here, quantized triples in the subclass ----
     def _incoming(self, keys: mx.array, values: mx.array):
@@ -171,21 +229,6 @@ class BatchKeepRotatingKVCache(_BaseCache):
     def _alone(self) -> RotatingKVCache:
         return RotatingKVCache(self.max_size, self.keep)
 
-    def _ensure(self, keys: mx.array, values: mx.array, width: int) -> None:
-        """Room for `width` columns, grown in steps of `step` up to max_size."""
-        cap = 0 if self.keys is None else _length(self.keys)
-        if width <= cap:
-            return
-        new = min(max(width, cap + self.step), max(self.max_size, width)) - cap
-        k, v = self._zeros(keys, new), self._zeros(values, new)
-        flags = mx.zeros((_each_first(keys).shape[0], new), mx.bool_)
-        if self.keys is None:
-            self.keys, self.values, self.valid = k, v, flags
-            return
-        cat = lambda a, b: mx.concatenate([a, b], axis=2)  # noqa: E731
-        self.keys, self.values = _each2(cat, self.keys, k), _each2(cat, self.values, v)
-        self.valid = mx.concatenate([self.valid, flags], axis=1)
-
     # -- a prompt batch's right padding -----------------------------------------------
     def prepare(self, *, left_padding=None, lengths=None, right_padding=None) -> None:
         if left_padding is not None and any(left_padding):
@@ -194,104 +237,83 @@ class BatchKeepRotatingKVCache(_BaseCache):
             self._remaining = list(lengths)
 
     def finalize(self) -> None:
-        """Move each row's right padding to its padding columns after the keep block."""
+        """Right padding needs no move: the next decode step lays each row out anew."""
         self._remaining = None
-        if not any(self._junk) or self.keys is None:
-            return
-        head = min(self.keep, self._width)
-        junk = [min(j, self._width - head) for j in self._junk]  # a short row's keep block holds some
-        shifts = mx.array(junk)
-
-        def roll(x):
-            region = dynamic_roll(x[..., head : self._width, :], shifts[:, None], axis=2)
-            return mx.concatenate([x[..., :head, :], region], axis=2)
-
-        self.keys, self.values = _each(roll, self.keys), _each(roll, self.values)
-        flags = dynamic_roll(self.valid[:, head : self._width], shifts, axis=1)
-        self.valid = mx.concatenate([self.valid[:, :head], flags], axis=1)
-        self._hole = [(lo, hi + j) for (lo, hi), j in zip(self._hole, junk, strict=True)]
-        self._junk = [0] * len(self._junk)
 
     # -- batch membership ------------------------------------------------------------
-    def _row_columns(self, r: int) -> list[int]:
-        """Row r's token columns, oldest first."""
-        head = [c for c in range(min(self.keep, self._width)) if c < self._count[r]]
-        lo, hi = self._hole[r]
-        if self._wrapped:
-            ring = [*range(self._idx, self._width), *range(self.keep, self._idx)]
-        else:
-            ring = list(range(self.keep, self._width))
-        return head + [c for c in ring if not lo <= c < hi]
-
     def extract(self, idx: int) -> RotatingKVCache:
         """Row idx as the RotatingKVCache(max_size, keep) it would be alone, in
         temporal order (its next write evicts its oldest token after the kept ones)."""
         cache = self._alone()
-        cols = self._row_columns(idx)
-        if self.keys is not None and cols:
-            order = mx.array(cols)
+        cols = self._columns(idx)
+        if self.keys is not None and cols.size:
 
             def take(x):
-                return mx.contiguous(x[idx : idx + 1][..., order, :])
+                return mx.contiguous(x[idx : idx + 1][..., cols, :])
 
             cache.keys, cache.values = _each(take, self.keys), _each(take, self.values)
-            cache._idx = len(cols)
+            cache._idx = cols.size
         cache.offset = self._count[idx]
-        return cache
+        return layout.mark_bounded(cache) if layout.is_bounded(self) else cache
 
     def filter(self, batch_indices) -> None:
-        rows = [
-            int(i) for i in (batch_indices.tolist() if isinstance(batch_indices, mx.array) else batch_indices)
-        ]
+        if isinstance(batch_indices, mx.array):
+            batch_indices = batch_indices.tolist()
+        rows = [int(i) for i in batch_indices]
         if self.keys is not None:
             index = mx.array(rows)
             self.keys = _each(lambda x: x[index], self.keys)
             self.values = _each(lambda x: x[index], self.values)
-            self.valid = self.valid[index]
-        for name in ("_count", "_hole", "_junk"):
+        for name in ("_count", "_head", "_hole", "_prompt"):
             setattr(self, name, [getattr(self, name)[i] for i in rows])
+        if self._remaining is not None:
+            self._remaining = [self._remaining[i] for i in rows]
 
     def extend(self, other: BatchKeepRotatingKVCache) -> None:
         """Both batches' rows, laid out anew (a join: once per prompt batch)."""
         rows = [self.extract(i) for i in range(len(self._count))]
         rows += [other.extract(i) for i in range(len(other._count))]
-        vars(self).update(vars(type(self).merge(rows)))
+        merged = type(self).merge(rows)
+        vars(self).update(vars(merged))
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, **fmt) -> BatchKeepQuantizedRotatingKVCache:
+        return batch_keep_to_quantized(self, group_size, bits, **fmt)
 
     @classmethod
     def merge(cls, caches: list[Any]) -> BatchKeepRotatingKVCache:
-        """Sequential rings (same max_size and keep) as one batch, each row laid out
+        """Sequential rings (one max_size and keep) as one batch, each row laid out
         [keep][padding][rest, oldest first]."""
         first = caches[0]
         if any(c.max_size != first.max_size or c.keep != first.keep for c in caches):
             raise ValueError("BatchKeepRotatingKVCache merges rings of one max_size and keep")
         out = cls._empty(caches)
-        ordered = [None if c.keys is None else _temporal(c) for c in out._members(caches)]
+        members = out._members(caches)
+        ordered = [None if c.keys is None else _temporal(c) for c in members]
         lengths = [0 if o is None else _length(o[0]) for o in ordered]
-        width = max(lengths)
-        out._count = [int(c.offset) for c in caches]
-        if width == 0:
-            return out
-        if width > first.max_size:
+        out._count = [int(c.offset) for c in members]
+        if any(n > first.max_size for n in lengths):
             raise NotImplementedError("a ring holding more than max_size tokens is not batched with keep")
-        k, v = next(o for o in ordered if o is not None)
-        B = len(caches)
-        out.keys = _each(lambda x: mx.zeros((B, *x.shape[1:2], width, x.shape[3]), x.dtype), k)
-        out.values = _each(lambda x: mx.zeros((B, *x.shape[1:2], width, x.shape[3]), x.dtype), v)
-        out.valid = mx.zeros((B, width), mx.bool_)
+        width = max(lengths)
+        if width:
+            k, v = next(o for o in ordered if o is not None)
+            B = len(caches)
+            out.keys = _each(lambda x: mx.zeros((B, x.shape[1], width, x.shape[3]), x.dtype), k)
+            out.values = _each(lambda x: mx.zeros((B, x.shape[1], width, x.shape[3]), x.dtype), v)
         for r, (o, n) in enumerate(zip(ordered, lengths, strict=True)):
+            head = min(first.keep, n)
+            out._head[r] = head
+            out._hole[r] = (
+                first.keep,
+                first.keep + width - n if head == first.keep else max(first.keep, width),
+            )
             if o is None:
                 continue
-            head = min(first.keep, n)
-            pad = width - n
             for dst, src in zip((out.keys, out.values), o, strict=True):
                 for d, x in zip(*((dst, src) if isinstance(dst, tuple) else ((dst,), (src,))), strict=True):
                     d[r : r + 1, :, :head] = x[..., :head, :]
-                    d[r : r + 1, :, head + pad : width] = x[..., head:, :]
-            out.valid[r, :head] = True
-            out.valid[r, head + pad : width] = True
-            out._hole[r] = (first.keep, first.keep + pad if head == first.keep else max(first.keep, width))
+                    d[r : r + 1, :, width - (n - head) : width] = x[..., head:, :]
         out._width = out._idx = width
-        return out
+        return layout.mark_bounded(out) if all(map(layout.is_bounded, caches)) else out
 
     @classmethod
     def _empty(cls, caches: list[Any]) -> BatchKeepRotatingKVCache:
@@ -368,13 +390,22 @@ def batch_keep_to_quantized(
     quant = BatchKeepQuantizedRotatingKVCache(
         self.max_size, self.keep, len(self._count), group_size, bits, value_bits, rotate
     )
-    for name in ("_count", "_hole", "_width", "_idx", "_wrapped", "_remaining", "_junk"):
+    for name in (
+        "_count",
+        "_head",
+        "_hole",
+        "_width",
+        "_idx",
+        "_wrapped",
+        "_chunks",
+        "_prompt",
+        "_remaining",
+    ):
         value = getattr(self, name)
         setattr(quant, name, list(value) if isinstance(value, list) else value)
     if self.keys is not None:
         quant.keys, quant.values = quant._incoming(self.keys, self.values)
-        quant.valid = self.valid
-    return quant
+    return layout.mark_bounded(quant) if layout.is_bounded(self) else quant
 
 
 def _each_first(v):
