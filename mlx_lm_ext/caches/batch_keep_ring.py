@@ -76,6 +76,11 @@ class BatchKeepRotatingKVCache(_BaseCache):
     def size(self) -> int:
         return max(self._count, default=0)
 
+    @property
+    def _offset(self) -> int:
+        """The longest row's tokens: what a batch ring's --quantized-kv-start compares."""
+        return self.size()
+
     def empty(self) -> bool:
         return self.keys is None
 
