@@ -66,7 +66,6 @@ class BatchKeepRotatingKVCache(_BaseCache):
         self._chunks: tuple[int, int] | None = None  # (start column, columns written)
         self._prompt = [0] * batch
         self._remaining: list[int] | None = None  # prompt tokens left a row (prepare)
-        self._plan = None  # the layout the next decode step makes (make_mask computes it)
 
     # -- what models read ------------------------------------------------------------
     @property
@@ -411,10 +410,6 @@ def batch_keep_to_quantized(
     if self.keys is not None:
         quant.keys, quant.values = quant._incoming(self.keys, self.values)
     return layout.mark_bounded(quant) if layout.is_bounded(self) else quant
-
-
-def _each_first(v):
-    return v[0] if isinstance(v, tuple) else v
 
 
 def _temporal(cache: RotatingKVCache) -> tuple[mx.array, mx.array]:
