@@ -82,4 +82,3 @@ FIX = BatchKeepRing()
 def keeps_batched() -> bool:
     """Batch rings honour `keep`: bounded caches need not go one at a time."""
     return FIX.applied
-
