@@ -259,9 +259,6 @@ def test_cuda_prefill_leaves_batched_answers_unchanged(entry, loaded, ring, kv_b
         assert all(mx.array_equal(x[1], y[1]).item() for x, y in zip(a, b, strict=True))
 
 
-FIT = [40, 13, 30, 5, 45]  # prompts that fit RING (the server's default limit); 40 and 45 wrap it
-
-
 def _bounded(model):
     """--max-kv-size RING: full-attention layers in rings that keep their first 4 tokens."""
     from mlx_lm.models.cache import make_prompt_cache
@@ -272,12 +269,13 @@ def _bounded(model):
 @pytest.mark.parametrize("kv_bits", [None, 8], ids=["kv16", "kv8"])
 def test_bounded_batch_answers_as_each_bounded_request_alone(entry, loaded, kv_bits):
     """--max-kv-size with batching (batch-keep-ring): the batch rings keep each request's
-    first tokens as its own ring does, through a join and past the ring's end."""
+    first tokens as its own ring does, through a join, prompts longer than the ring
+    (77 and 120 tokens in a ring of 48, trimmed chunk by chunk) and decoding past its end."""
     model, _ = loaded
     caches = _bounded(model)
     if not any(getattr(c, "keep", 0) for _, c in layout.leaves(caches)):
         pytest.skip("no layer is bounded with keep (every layer recurrent or windowed)")
-    prompts = _prompts(entry, loaded, FIT)
+    prompts = _prompts(entry, loaded)
     alone_caches = [_bounded(model) for _ in prompts]
     expected = [_alone(model, p, c, kv_bits=kv_bits) for p, c in zip(prompts, alone_caches, strict=True)]
     got, gen = _batched(

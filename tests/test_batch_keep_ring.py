@@ -73,12 +73,12 @@ class Lone:
         return None if q is None else _attend(q, keys, values, mask, cache)
 
 
-def _prefill(batch, lone, rows, lengths, q_seed):
+def _prefill(batch, lone, rows, lengths, q_seed, chunk=CHUNK):
     start = [lone.caches[r].offset for r in rows]
     padded = max(lengths)
     batch.prepare(lengths=lengths, right_padding=[padded - n for n in lengths])
-    for s in range(0, padded, CHUNK):
-        n = min(CHUNK, padded - s)
+    for s in range(0, padded, chunk):
+        n = min(chunk, padded - s)
         q = mx.random.normal((len(rows), 2 * H, n, D), key=mx.random.key(q_seed + s))
         mask = batch.make_mask(n)
         k, v = _rows(rows, [a + s for a in start], n, [a + m for a, m in zip(start, lengths, strict=True)])
@@ -143,11 +143,20 @@ def test_filter_and_a_joining_batch_with_history(bits):
     _same_tokens(batch, lone, rows)
 
 
-def test_a_chunk_past_the_ring_is_refused():
-    batch = BatchKeepRotatingKVCache.merge([RotatingKVCache(MAX, KEEP)])
-    k, v = _rows([0], [0], MAX + 1, [MAX + 1])
-    with pytest.raises(NotImplementedError, match="past the ring"):
-        batch.update_and_fetch(k, v)
+@pytest.mark.parametrize("bits", BITS, ids=["16-bit", "8-bit"])
+@pytest.mark.parametrize("chunk", [CHUNK, 32], ids=["chunks-of-8", "chunks-of-32"])
+def test_prompts_past_the_ring_trim_and_attend_as_alone(bits, chunk):
+    """Prompts of 60 and 30 tokens in a ring of 24: before each chunk a full row keeps
+    its first 4 and newest 19 tokens, a chunk's queries see the 24 tokens up to them
+    (a chunk of 32 is wider than the ring), and the first decode step trims to 24,
+    each as the row's ring alone does."""
+    rows, lengths = [0, 1, 2], [60, 7, 30]
+    lone = Lone(rows, bits)
+    batch = _batch(bits).merge([_ring(bits) for _ in rows])
+    _prefill(batch, lone, rows, lengths, 10, chunk)
+    _same_tokens(batch, lone, rows)
+    _decode(batch, lone, rows, 2 * MAX, 100)
+    _same_tokens(batch, lone, rows)
 
 
 def test_a_16_bit_batch_crossing_the_start_quantizes_as_its_rows_would():
@@ -180,8 +189,8 @@ def _convert_and_decode():
 @pytest.mark.parametrize("bits", BITS, ids=["16-bit", "8-bit"])
 @pytest.mark.parametrize(
     "history,lengths",
-    [(18, [6, 20]), (14, [9, 9])],
-    ids=["chunks-past-the-ring", "no-padding"],
+    [(18, [6, 20]), (14, [9, 9]), (40, [20, 30])],
+    ids=["chunks-past-the-ring", "no-padding", "a-wrapped-ring-and-prompts-past-it"],
 )
 def test_a_prompt_batch_mixing_a_cached_prefix_and_a_fresh_row(bits, history, lengths):
     """A prompt-cache hit batched with a fresh request: the chunks' columns may run past

@@ -9,13 +9,19 @@ every row starting at 0. Here every row is laid out as
 so one write pointer serves every row over [keep, max_size): a padded row overwrites
 its padding first (it is still growing, as its own ring would be) and a full row its
 oldest token after the kept ones, exactly what `RotatingKVCache(max_size, keep)` evicts.
-Which columns hold a row's tokens is a boolean (batch, columns) array set by each
-write; the host knows the same from token counts alone (no device sync).
+Which columns hold a row's tokens follows from token counts kept on the host (no device
+sync), and the masks from those.
 
-Scope: prompt chunks must fit the ring (offset + chunk <= max_size): the server refuses
-longer prompts under --max-kv-size by default, and a ring's chunk trim with `keep`
-differs per row. A row whose tokens are fewer than `keep` when the batch forms keeps
-only those: its next ones land in the ring (not yet exact; 1-3 token prompts).
+Prompt chunks are appended after the laid-out part and laid out at the first decode
+step. A prompt longer than the ring is trimmed as the ring alone trims it: before a
+chunk, a row that holds max_size tokens or more keeps its first `keep` and its newest
+`max_size - 1 - keep` (every new token then sees max_size tokens), and at the first
+decode step its first `keep` and newest `max_size - keep`. The rows are regathered
+then (once a chunk, only where some row is past the ring).
+
+One deviation: a row with fewer than `keep` tokens when the batch forms keeps only
+those; its next ones land in the ring (1-3 token prompts, where its own ring would
+keep them).
 """
 
 from __future__ import annotations
@@ -62,8 +68,9 @@ class BatchKeepRotatingKVCache(_BaseCache):
         self._width = 0
         self._idx = 0  # the next column the pointer writes once the ring is full
         self._wrapped = False
-        # Prompt chunks since the last layout: each row's tokens at [start, start + n).
+        # Prompt chunks since the last layout: row r's tokens at [first[r], first[r] + prompt[r]).
         self._chunks: tuple[int, int] | None = None  # (start column, columns written)
+        self._first = [0] * batch
         self._prompt = [0] * batch
         self._remaining: list[int] | None = None  # prompt tokens left a row (prepare)
 
@@ -96,16 +103,23 @@ class BatchKeepRotatingKVCache(_BaseCache):
 
     def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> mx.array:
         """The columns each query sees: the row's tokens, and in a prompt chunk the
-        chunk's own columns up to the query."""
+        chunk's own columns up to the query. Lays out or trims first, as the update will
+        (models make the mask before the first layer's update)."""
         if N == 1:
             self._layout()
             col, width = self._next_column()
             return (self._valid(width) | (mx.arange(width) == col))[:, None, None, :]
+        self._trim_for(self._real(N))
         start, written = self._chunks or (self._width, 0)
         width = start + written
         seen = mx.broadcast_to(self._valid(width)[:, None, :], (len(self._count), N, width))
         causal = mx.broadcast_to(mx.arange(N)[:, None] >= mx.arange(N)[None], (len(self._count), N, N))
-        return mx.concatenate([seen, causal], axis=-1)[:, None]
+        mask = mx.concatenate([seen, causal], axis=-1)
+        if self._width == 0 and width + N > self.max_size:
+            # Rows are contiguous from their first column: a query sees the max_size
+            # tokens up to it, as a ring's chunk mask (window_size=max_size) allows.
+            mask = mask & (width + mx.arange(N)[:, None] - mx.arange(width + N)[None] < self.max_size)
+        return mask[:, None]
 
     def _valid(self, width: int) -> mx.array:
         """(batch, width) bool: which columns hold each row's tokens."""
@@ -115,8 +129,10 @@ class BatchKeepRotatingKVCache(_BaseCache):
         laid = (cols < head) | ((cols >= self.keep) & (cols < self._width) & ~((cols >= lo) & (cols < hi)))
         if self._chunks is None:
             return laid
-        start = self._chunks[0]
-        return (laid & (cols < start)) | ((cols >= start) & (cols < start + mx.array(self._prompt)[:, None]))
+        first = mx.array(self._first)[:, None]
+        return (laid & (cols < self._chunks[0])) | (
+            (cols >= first) & (cols < first + mx.array(self._prompt)[:, None])
+        )
 
     # -- writes ----------------------------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array):
@@ -150,18 +166,21 @@ class BatchKeepRotatingKVCache(_BaseCache):
             return lo, hi
         return (col + 1, hi) if col + 1 < hi else (self.keep, self.keep)
 
+    def _real(self, n: int) -> list[int]:
+        """Each row's tokens in a prompt chunk of n columns (the rest is right padding)."""
+        if self._remaining is None:
+            return [n] * len(self._count)
+        return [max(0, min(n, r)) for r in self._remaining]
+
     def _update_concat(self, keys: mx.array, values: mx.array):
         n = keys.shape[2]
-        if self._remaining is None:
-            real = [n] * len(self._count)
-        else:
-            real = [max(0, min(n, r)) for r in self._remaining]
+        real = self._real(n)
+        self._trim_for(real)
+        if self._remaining is not None:
             self._remaining = [r - k for r, k in zip(self._remaining, real, strict=True)]
-        if any(c + k > self.max_size for c, k in zip(self._count, real, strict=True)):
-            raise NotImplementedError(
-                f"a prompt past the ring ({self.max_size} tokens) is not batched with keep; serve it alone"
-            )
-        start, written = self._chunks or (self._width, 0)
+        if self._chunks is None:
+            self._chunks, self._first = (self._width, 0), [self._width] * len(self._count)
+        start, written = self._chunks
         keys, values = self._incoming(keys, values)
         self._ensure(keys, values, start + written + n)
         _put(self.keys, start + written, keys)
@@ -178,17 +197,58 @@ class BatchKeepRotatingKVCache(_BaseCache):
         idx = self._idx if self._wrapped else self.keep
         parts = [(0, self._head[r]), (max(idx, hi), self._width), (self.keep, idx)]
         if self._chunks is not None:
-            parts.append((self._chunks[0], self._chunks[0] + self._prompt[r]))
+            parts.append((self._first[r], self._first[r] + self._prompt[r]))
         return mx.concatenate([mx.arange(a, b) for a, b in parts if b > a] or [mx.array([], mx.int32)])
 
+    def _trimmed(self, r: int, limit: int | None) -> mx.array:
+        """Row r's token columns, oldest first, trimmed to `limit` as its ring trims:
+        the first `keep` and the newest `limit - keep`."""
+        cols = self._columns(r)
+        n = cols.size
+        if limit is None or n <= limit:
+            return cols
+        return mx.concatenate([cols[: self.keep], cols[n - (limit - self.keep) :]])
+
+    def _regather(self, rows: list[mx.array]) -> int:
+        """Each row's listed columns, oldest first, right-aligned to the width gathered
+        (returned), so that the next chunk continues every row contiguously."""
+        width = max(c.size for c in rows)
+        order = mx.stack([mx.concatenate([mx.zeros((width - c.size,), mx.int32), c]) for c in rows])
+
+        def take(x):
+            return mx.take_along_axis(x, order[:, None, :, None], axis=2)
+
+        self.keys, self.values = _each(take, self.keys), _each(take, self.values)
+        return width
+
+    def _trim_for(self, real: list[int]) -> None:
+        """Before a chunk that takes some row past the ring: rows receiving tokens that
+        hold max_size or more keep their first `keep` and newest `max_size - 1 - keep`,
+        as a ring alone does, and every row's tokens are regathered into one region
+        (where the mask's window over columns is each row's window over its tokens)."""
+        held = [self._columns(r).size for r in range(len(self._count))]
+        top = self.max_size
+        past = [k and (h >= top or (self._width and h + k > top)) for h, k in zip(held, real, strict=True)]
+        if self.keys is None or not any(past):
+            return
+        rows = [self._trimmed(r, self.max_size - 1 if k else None) for r, k in enumerate(real)]
+        width = self._regather(rows)
+        B = len(self._count)
+        self._head, self._hole, self._width, self._idx = [0] * B, [(self.keep,) * 2] * B, 0, 0
+        self._wrapped, self._chunks = False, (0, width)
+        self._first, self._prompt = [width - c.size for c in rows], [c.size for c in rows]
+
     def _layout(self) -> None:
-        """Lay prompt chunks' rows out for decoding (once, at the first step after them)."""
+        """Lay prompt chunks' rows out for decoding (once, at the first step after them),
+        each trimmed to max_size as its ring's first decode step trims it."""
         if self._chunks is None:
             return
-        width = max(self._count)
+        rows = [self._trimmed(r, self.max_size) for r in range(len(self._count))]
+        width = max(c.size for c in rows)
         index, head, hole = [], [], []
-        for r, n in enumerate(self._count):
-            cols, h = self._columns(r), min(self.keep, n)
+        for cols in rows:
+            n = cols.size
+            h = min(self.keep, n)
             fill = mx.zeros((width - n,), mx.int32)
             index.append(
                 mx.concatenate([cols[:h], fill, cols[h:]]) if h == self.keep else mx.concatenate([cols, fill])
@@ -197,12 +257,7 @@ class BatchKeepRotatingKVCache(_BaseCache):
             hole.append(
                 (self.keep, self.keep + width - n) if h == self.keep else (self.keep, max(self.keep, width))
             )
-        order = mx.stack(index)
-
-        def take(x):
-            return mx.take_along_axis(x, order[:, None, :, None], axis=2)
-
-        self.keys, self.values = _each(take, self.keys), _each(take, self.values)
+        self._regather(index)
         self._head, self._hole, self._width, self._idx, self._wrapped = head, hole, width, width, False
         self._chunks, self._prompt = None, [0] * len(self._count)
 
@@ -268,7 +323,7 @@ class BatchKeepRotatingKVCache(_BaseCache):
             index = mx.array(rows)
             self.keys = _each(lambda x: x[index], self.keys)
             self.values = _each(lambda x: x[index], self.values)
-        for name in ("_count", "_head", "_hole", "_prompt"):
+        for name in ("_count", "_head", "_hole", "_first", "_prompt"):
             setattr(self, name, [getattr(self, name)[i] for i in rows])
         if self._remaining is not None:
             self._remaining = [self._remaining[i] for i in rows]
@@ -402,6 +457,7 @@ def batch_keep_to_quantized(
         "_idx",
         "_wrapped",
         "_chunks",
+        "_first",
         "_prompt",
         "_remaining",
     ):

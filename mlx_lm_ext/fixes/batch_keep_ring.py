@@ -6,23 +6,18 @@ batch of `RotatingKVCache(max_size, keep=4)` requests (what --max-kv-size makes)
 each request's first tokens once the ring wraps, and this package's server served
 bounded caches one request at a time. Here a merge of rings with keep > 0 gives a
 BatchKeepRotatingKVCache (BatchKeepQuantizedRotatingKVCache where a member is
-quantized), whose rows attend as each ring alone, and the server batches them wherever
-a prompt fits the ring: with --max-prompt-tokens at its default (or at most
---max-kv-size). A larger limit keeps the one-at-a-time path, where a ring trims long
-prompts as upstream does.
+quantized), whose rows attend as each ring alone, prompts longer than the ring
+included (trimmed as each ring trims them), so the server batches bounded caches.
 No patch file yet: the series' counterpart is still to be written.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ..caches import batch_keep_ring as bk
 from ..caches import batch_quantized as bq
 from .base import Fix, Patcher
-
-log = logging.getLogger("mlx_lm_ext")
 
 
 def _merge(owner: type):
@@ -36,25 +31,6 @@ def _merge(owner: type):
     return classmethod(merge)
 
 
-def prompts_fit_the_ring(cli_args: Any) -> bool:
-    """Every prompt the server accepts fits --max-kv-size (its default prompt limit)."""
-    bound = getattr(cli_args, "max_kv_size", None)
-    limit = getattr(cli_args, "max_prompt_tokens", None)
-    return bound is None or limit is None or 0 < limit <= bound
-
-
-def _is_batchable(self, args) -> bool:
-    if not prompts_fit_the_ring(getattr(self.model_provider, "cli_args", None)):
-        reason = "--max-prompt-tokens past --max-kv-size: long prompts go one at a time"
-        if reason not in FIX.state.setdefault("logged", set()):
-            FIX.state["logged"].add(reason)
-            log.info("%s", reason)
-        return False
-    from mlx_lm import server
-
-    return FIX.original(server.ResponseGenerator, "_is_batchable")(self, args)
-
-
 class BatchKeepRing(Fix):
     name = "batch-keep-ring"
     summary = "--max-kv-size batches: batch rings keep the bounded cache's keep tokens"
@@ -66,14 +42,12 @@ class BatchKeepRing(Fix):
         return not hasattr(merged, "keep")
 
     def install(self, patcher: Patcher) -> None:
-        from mlx_lm import server
         from mlx_lm.models.cache import RotatingKVCache
 
         from ..caches.quantized_rotating import QuantizedRotatingKVCache
 
         patcher.set(RotatingKVCache, "merge", _merge(RotatingKVCache))
         patcher.set(QuantizedRotatingKVCache, "merge", _merge(QuantizedRotatingKVCache))
-        patcher.set(server.ResponseGenerator, "_is_batchable", _is_batchable)
 
 
 FIX = BatchKeepRing()
