@@ -187,6 +187,20 @@ def _convert_and_decode():
 
 
 @pytest.mark.parametrize("bits", BITS, ids=["16-bit", "8-bit"])
+@pytest.mark.parametrize("then", ["decode", "prefill"])
+def test_a_ring_holding_a_chunk_past_its_size_merges_as_its_next_step_trims(bits, then):
+    """A ring right after a 30-token chunk holds 30 tokens (a saved prompt cache); the
+    batch keeps what the ring's next step keeps, decoding or taking another chunk."""
+    lone = Lone([3, 4], bits, history={4: 6})
+    lone.write(3, 0, 30)
+    batch = _batch(bits).merge([lone.caches[3], lone.caches[4]])
+    if then == "prefill":
+        _prefill(batch, lone, [3, 4], [12, 9], 900)
+    _decode(batch, lone, [3, 4], 2 * MAX, 950)
+    _same_tokens(batch, lone, [3, 4])
+
+
+@pytest.mark.parametrize("bits", BITS, ids=["16-bit", "8-bit"])
 @pytest.mark.parametrize(
     "history,lengths",
     [(18, [6, 20]), (14, [9, 9]), (40, [20, 30])],

@@ -350,8 +350,6 @@ class BatchKeepRotatingKVCache(_BaseCache):
         ordered = [None if c.keys is None else _temporal(c) for c in members]
         lengths = [0 if o is None else _length(o[0]) for o in ordered]
         out._count = [int(c.offset) for c in members]
-        if any(n > first.max_size for n in lengths):
-            raise NotImplementedError("a ring holding more than max_size tokens is not batched with keep")
         width = max(lengths)
         if width:
             k, v = next(o for o in ordered if o is not None)
@@ -468,6 +466,18 @@ def batch_keep_to_quantized(
     return layout.mark_bounded(quant) if layout.is_bounded(self) else quant
 
 
-def _temporal(cache: RotatingKVCache) -> tuple[mx.array, mx.array]:
-    """A ring's keys and values in temporal order: kept tokens, then oldest to newest."""
-    return cache._temporal_order(cache.keys), cache._temporal_order(cache.values)
+def _temporal(cache: RotatingKVCache) -> tuple[Any, Any]:
+    """A ring's keys and values in temporal order: kept tokens, then oldest to newest;
+    at most max_size of them (after a prompt chunk a ring holds up to max_size - 1 + the
+    chunk, of which its next step keeps the first `keep` and the newest)."""
+
+    def ordered(v):
+        v = cache._temporal_order(v)
+        n, top = _length(v), cache.max_size
+        if n <= top:
+            return v
+        return _each(
+            lambda x: mx.concatenate([x[..., : cache.keep, :], x[..., n - (top - cache.keep) :, :]], 2), v
+        )
+
+    return ordered(cache.keys), ordered(cache.values)
