@@ -8,7 +8,10 @@ bounded caches one request at a time. Here a merge of rings with keep > 0 gives 
 BatchKeepRotatingKVCache (BatchKeepQuantizedRotatingKVCache where a member is
 quantized), whose rows attend as each ring alone, prompts longer than the ring
 included (trimmed as each ring trims them), so the server batches bounded caches.
-No patch file yet: the series' counterpart is still to be written.
+Patches: patches/0018-batch-keep-ring.patch (the class),
+patches/0019-batch-keep-ring-long-prompts.patch (prompts past the ring),
+patches/0020-batch-keep-ring-membership.patch (merge, filter, extend) and
+patches/0021-batch-keep-ring-quantized.patch (the quantized twin; the server batches).
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ def _merge(owner: type):
 
 class BatchKeepRing(Fix):
     name = "batch-keep-ring"
+    patches = (
+        "batch-keep-ring",
+        "batch-keep-ring-long-prompts",
+        "batch-keep-ring-membership",
+        "batch-keep-ring-quantized",
+    )
     summary = "--max-kv-size batches: batch rings keep the bounded cache's keep tokens"
 
     def needed(self) -> bool:
