@@ -3,6 +3,8 @@ and both halves go on exactly as after upstream's deep copy, for every batch cac
 
 from __future__ import annotations
 
+import importlib
+
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
@@ -153,3 +155,53 @@ def test_needed_upstream_and_revert_restores(handoff):
     assert not batch_handoff.FIX.needed()
     batch_handoff.FIX.revert()
     assert (PromptProcessingBatch.split, PromptProcessingBatch._copy) == upstream
+
+
+def _join_both_ways(kind: str) -> dict[bool, list[mx.array]]:
+    out = {}
+    for on in (False, True):
+        if on != batch_handoff.FIX.applied:
+            batch_handoff.FIX.revert() if batch_handoff.FIX.applied else batch_handoff.FIX.apply()
+        gen = importlib.import_module("mlx_lm.generate")
+        running, joining = _batch(kind), _batch(kind)
+        running.prompt_cache = gen._extend_cache(running.prompt_cache, joining.prompt_cache)
+        running.uids = list(range(6))
+        out[on] = _step(running, 11)
+    return out
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_join_a_layer_at_a_time_holds_what_upstreams_holds(handoff, kind):
+    got = _join_both_ways(kind)
+    assert len(got[True]) == len(got[False]) > 0
+    assert all(mx.array_equal(a, b).item() for a, b in zip(got[True], got[False], strict=True))
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["handoff", "upstream"])
+def test_a_join_holds_one_layer_twice_at_most(handoff, on):
+    """8 layers of two 2-row batches of 2048 tokens: joined a layer at a time, the peak
+    grows by about one joined layer; upstream's join holds every layer twice."""
+    if not on:
+        batch_handoff.FIX.revert()
+    gen = importlib.import_module("mlx_lm.generate")
+
+    def layers(seed):
+        caches = [[KVCache() for _ in range(8)] for _ in range(2)]
+        for r, row in enumerate(caches):
+            for j, c in enumerate(row):
+                c.update_and_fetch(*_kv(seed + 10 * r + j, 2048))
+        return _ppb(caches).prompt_cache
+
+    a, b = layers(0), layers(100)
+    mx.eval([c.state for c in a + b])
+    layer = a[0].keys.nbytes + a[0].values.nbytes  # one layer of one batch
+    mx.synchronize()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    joined = gen._extend_cache(a, b)
+    mx.eval([c.state for c in joined])
+    grew = mx.get_peak_memory() - before
+    if on:
+        assert grew <= 3 * layer, (grew, layer)
+    else:
+        assert grew >= 8 * layer, (grew, layer)
