@@ -111,23 +111,36 @@ def _same_tokens(batch, lone, rows):
         assert all(mx.array_equal(a, b).item() for a, b in pairs), r
 
 
-@pytest.mark.parametrize("bits", BITS, ids=["16-bit", "8-bit"])
-def test_rows_attend_as_alone_through_prefill_and_laps(bits):
-    rows, lengths = [0, 1, 2], [13, 7, 20]
+def _prefilled(bits, rows, lengths, chunk=CHUNK):
+    """Lone rings and their batch, both through the same right-padded prompt chunks."""
     lone = Lone(rows, bits)
     batch = _batch(bits).merge([_ring(bits) for _ in rows])
-    _prefill(batch, lone, rows, lengths, 10)
+    _prefill(batch, lone, rows, lengths, 10, chunk)
+    return lone, batch
+
+
+@pytest.mark.parametrize("bits", BITS, ids=["16-bit", "8-bit"])
+@pytest.mark.parametrize(
+    "lengths,chunk",
+    [([13, 7, 20], CHUNK), ([60, 7, 30], CHUNK), ([60, 7, 30], 32)],
+    ids=["within-the-ring", "past-the-ring", "past-the-ring-chunks-of-32"],
+)
+def test_rows_attend_as_alone_through_prefill_and_laps(bits, lengths, chunk):
+    """Prompts within the ring of 24, and of 60 and 30 tokens past it: before each chunk a
+    full row keeps its first 4 and newest 19 tokens, a chunk's queries see the 24 tokens
+    up to them (a chunk of 32 is wider than the ring), and the first decode step trims
+    to 24, each as the row's ring alone does; then three laps past the ring's end."""
+    rows = [0, 1, 2]
+    lone, batch = _prefilled(bits, rows, lengths, chunk)
     _same_tokens(batch, lone, rows)
-    _decode(batch, lone, rows, 3 * MAX, 100)  # three laps past the ring's end
+    _decode(batch, lone, rows, 3 * MAX, 100)
     _same_tokens(batch, lone, rows)
 
 
 @pytest.mark.parametrize("bits", BITS, ids=["16-bit", "8-bit"])
 def test_filter_and_a_joining_batch_with_history(bits):
-    rows, lengths = [0, 1, 2], [13, 7, 20]
-    lone = Lone(rows, bits)
-    batch = _batch(bits).merge([_ring(bits) for _ in rows])
-    _prefill(batch, lone, rows, lengths, 10)
+    rows = [0, 1, 2]
+    lone, batch = _prefilled(bits, rows, [13, 7, 20])
     _decode(batch, lone, rows, MAX, 200)
     batch.filter([0, 2])  # row 1 finished
     rows = [0, 2]
@@ -140,22 +153,6 @@ def test_filter_and_a_joining_batch_with_history(bits):
     rows += [5, 6]
     _same_tokens(batch, lone, rows)
     _decode(batch, lone, rows, 2 * MAX, 400)
-    _same_tokens(batch, lone, rows)
-
-
-@pytest.mark.parametrize("bits", BITS, ids=["16-bit", "8-bit"])
-@pytest.mark.parametrize("chunk", [CHUNK, 32], ids=["chunks-of-8", "chunks-of-32"])
-def test_prompts_past_the_ring_trim_and_attend_as_alone(bits, chunk):
-    """Prompts of 60 and 30 tokens in a ring of 24: before each chunk a full row keeps
-    its first 4 and newest 19 tokens, a chunk's queries see the 24 tokens up to them
-    (a chunk of 32 is wider than the ring), and the first decode step trims to 24,
-    each as the row's ring alone does."""
-    rows, lengths = [0, 1, 2], [60, 7, 30]
-    lone = Lone(rows, bits)
-    batch = _batch(bits).merge([_ring(bits) for _ in rows])
-    _prefill(batch, lone, rows, lengths, 10, chunk)
-    _same_tokens(batch, lone, rows)
-    _decode(batch, lone, rows, 2 * MAX, 100)
     _same_tokens(batch, lone, rows)
 
 
@@ -173,10 +170,8 @@ def test_a_16_bit_batch_crossing_the_start_quantizes_as_its_rows_would():
 
 
 def _convert_and_decode():
-    rows, lengths = [0, 1, 2], [13, 7, 20]
-    lone16 = Lone(rows, None)
-    batch = _batch(None).merge([_ring(None) for _ in rows])
-    _prefill(batch, lone16, rows, lengths, 10)
+    rows = [0, 1, 2]
+    lone16, batch = _prefilled(None, rows, [13, 7, 20])
     _decode(batch, lone16, rows, MAX, 500)
     batch = batch_keep_to_quantized(batch, 64, 8)
     lone = Lone(rows, 8)
