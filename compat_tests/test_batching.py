@@ -88,6 +88,7 @@ def _batched(model, groups, caches, kv_bits=8, start=0, cancel_at=None, join_eve
         quantized_kv_start=start,
     )
     order, out, step, pending = [], {}, 0, list(groups)
+    gen.finished = {}  # uid -> the cache a finished request leaves (what the server stores)
     while pending or gen._unprocessed_sequences or len(gen._prompt_batch) or len(gen._generation_batch):
         if pending and step % join_every == 0:
             prompts = pending.pop(0)
@@ -99,6 +100,8 @@ def _batched(model, groups, caches, kv_bits=8, start=0, cancel_at=None, join_eve
         _, responses = gen.next()
         for r in responses:
             out[r.uid].append((r.token, r.logprobs))
+            if r.finish_reason is not None:
+                gen.finished[r.uid] = r.prompt_cache
         step += 1
     return [out[u] for u in order], gen
 
@@ -133,6 +136,12 @@ def test_batched_greedy_equals_each_request_alone(entry, loaded, ring, kv_bits):
     # less than 8 bits itself moves it), and where the tokens part, the lone run was at
     # a near-tie (its top two within TIE nats).
     fp16 = [_alone(model, p, _caches(model, ring), kv_bits=None) for p in prompts]
+    _assert_as_alone_up_to_sum_order(got, expected, fp16)
+
+
+def _assert_as_alone_up_to_sum_order(got, expected, fp16):
+    """Each request's first token moves by float noise only (far less than 8 bits moves
+    it), and where tokens part the lone run was at a near-tie (top two within TIE)."""
     for i, (g, e, f) in enumerate(zip(got, expected, fp16, strict=True)):
         quantization = abs(_kl(f[0][1], e[0][1]))
         assert abs(_kl(e[0][1], g[0][1])) <= RING_NOISE * quantization + 2e-6, i
@@ -248,3 +257,53 @@ def test_cuda_prefill_leaves_batched_answers_unchanged(entry, loaded, ring, kv_b
     assert _tokens(after) == _tokens(before)
     for a, b in zip(after, before, strict=True):
         assert all(mx.array_equal(x[1], y[1]).item() for x, y in zip(a, b, strict=True))
+
+
+def _bounded(model):
+    """--max-kv-size RING: full-attention layers in rings that keep their first 4 tokens."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(model, max_kv_size=RING)
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8], ids=["kv16", "kv8"])
+def test_bounded_batch_answers_as_each_bounded_request_alone(entry, loaded, kv_bits):
+    """--max-kv-size with batching (batch-keep-ring): the batch rings keep each request's
+    first tokens as its own ring does, through a join, prompts longer than the ring
+    (77 and 120 tokens in a ring of 48, trimmed chunk by chunk) and decoding past its end."""
+    model, _ = loaded
+    caches = _bounded(model)
+    if not any(getattr(c, "keep", 0) for _, c in layout.leaves(caches)):
+        pytest.skip("no layer is bounded with keep (every layer recurrent or windowed)")
+    prompts = _prompts(entry, loaded)
+    alone_caches = [_bounded(model) for _ in prompts]
+    expected = [_alone(model, p, c, kv_bits=kv_bits) for p, c in zip(prompts, alone_caches, strict=True)]
+    got, gen = _batched(
+        model, [prompts[:3], prompts[3:]], [_bounded(model) for _ in prompts], kv_bits=kv_bits
+    )
+    fp16 = expected if kv_bits is None else [_alone(model, p, _bounded(model), kv_bits=None) for p in prompts]
+    _assert_as_alone_up_to_sum_order(got, expected, fp16)
+    # What the rings hold once the requests finish (what the server stores): the kept
+    # tokens, which the later steps' logprobs show only faintly (random weights).
+    stored = [gen.finished[u] for u in sorted(gen.finished)]
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        if _tokens([g]) == _tokens([e]):
+            _assert_same_kept_rows(stored[i], alone_caches[i], i)
+
+
+def _kept_rows(cache):
+    """The first `keep` rows of each bounded ring, dequantized: (layer, rows)."""
+    rows = []
+    for n, (_, c) in enumerate(layout.leaves(cache)):
+        if getattr(c, "keep", 0) and c.keys is not None:
+            k = c._temporal_order(c.keys)
+            k = mx.dequantize(*k, c.group_size, c.bits) if isinstance(k, tuple) else k
+            rows.append((n, k[..., : c.keep, :].astype(mx.float32)))
+    return rows
+
+
+def _assert_same_kept_rows(batched, alone, i):
+    got, want = _kept_rows(batched), _kept_rows(alone)
+    assert [n for n, _ in got] == [n for n, _ in want] and got, i
+    for (n, a), (_, b) in zip(got, want, strict=True):
+        assert mx.allclose(a, b, atol=0.05).item(), (i, n, mx.abs(a - b).max().item())

@@ -27,6 +27,8 @@ BATCH_QUANTIZED = "batch-quantized"
 # Checked in order: subclasses before their bases (ChunkedKVCache subclasses KVCache in
 # some releases, MambaCache subclasses ArraysCache).
 _CLASS_KINDS = (
+    ("BatchKeepQuantizedRotatingKVCache", BATCH_QUANTIZED),
+    ("BatchKeepRotatingKVCache", BATCH_SLIDING),
     ("BatchQuantizedRotatingKVCache", BATCH_QUANTIZED),
     ("BatchQuantizedKVCache", BATCH_QUANTIZED),
     ("QuantizedRotatingKVCache", QUANTIZED_SLIDING),
@@ -52,12 +54,12 @@ class UnknownCacheLayout(TypeError):
 def _classes() -> list[tuple[type, str]]:
     from mlx_lm.models import cache as cache_mod
 
-    from .caches import batch_quantized, quantized_rotating
+    from .caches import batch_keep_ring, batch_quantized, quantized_rotating
 
     # Ours and, where mlx-lm carries the patch series, upstream's class of the same name.
     found = []
     for name, kind in _CLASS_KINDS:
-        for module in (batch_quantized, quantized_rotating, cache_mod):
+        for module in (batch_keep_ring, batch_quantized, quantized_rotating, cache_mod):
             cls = getattr(module, name, None)
             if cls is not None and (cls, kind) not in found:
                 found.append((cls, kind))

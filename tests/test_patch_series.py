@@ -87,7 +87,8 @@ def test_a_patch_that_does_not_apply_names_patch_file_and_hunk(release_tree, tmp
     series.git(tree, "commit", "-qam", "upstream moves on")
     applied, failures = series.check(tree)
     # 0009 builds on 0005's server lines (BatchGenerator's max_kv_size), and 0011-0013,
-    # 0015-0017 on its flag checks, so they fail too; the others still apply.
+    # 0015-0017 on its flag checks, so they fail too, and 0018-0022 on those files as
+    # 0017 and 0009 leave them; the others still apply.
     assert [f.patch for f in failures] == [
         "0005-server-kv-flags.patch",
         "0009-batched-quantized-kv.patch",
@@ -97,6 +98,11 @@ def test_a_patch_that_does_not_apply_names_patch_file_and_hunk(release_tree, tmp
         "0015-kv-value-bits.patch",
         "0016-kv-rotate.patch",
         "0017-prompt-cache-bits.patch",
+        "0018-batch-keep-ring.patch",
+        "0019-batch-keep-ring-long-prompts.patch",
+        "0020-batch-keep-ring-membership.patch",
+        "0021-batch-keep-ring-quantized.patch",
+        "0022-batch-handoff.patch",
     ]
     assert "0006-request-errors.patch" in applied
     (file, line, hunk), *_ = failures[0].hunks

@@ -184,6 +184,7 @@ def test_a_hit_generates_what_the_prefix_quantized_at_that_boundary_generates():
 
 def _quantized_caches() -> dict[str, Any]:
     """One of every quantized class a prompt-cache file can hold, with tokens in it."""
+    from mlx_lm_ext.caches.batch_keep_ring import BatchKeepQuantizedRotatingKVCache
     from mlx_lm_ext.caches.batch_quantized import BatchQuantizedKVCache, BatchQuantizedRotatingKVCache
 
     def full(**fmt):
@@ -200,6 +201,7 @@ def _quantized_caches() -> dict[str, Any]:
         "ring": ring(),
         "from a batch": BatchQuantizedKVCache.merge([full(), full()]).extract(1),
         "ring from a batch": BatchQuantizedRotatingKVCache.merge([ring(), ring()]).extract(0),
+        "keep ring from a batch": BatchKeepQuantizedRotatingKVCache.merge([ring(), ring()]).extract(1),
         "list": CacheList(full(), ring()),
     }
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 
 from . import (
+    batch_handoff,
+    batch_keep_ring,
     batch_quantized_cache,
     batch_quantized_rotating_cache,
     batchable_fallback,
@@ -45,6 +47,8 @@ FIXES: list[Fix] = [
     batch_quantized_cache.FIX,
     batch_quantized_rotating_cache.FIX,
     batched_quantized_kv.FIX,
+    batch_keep_ring.FIX,
+    batch_handoff.FIX,
     request_errors.FIX,
     request_validation.FIX,
     request_limits.FIX,

@@ -45,6 +45,12 @@ def supported() -> bool:
     return all(hasattr(gen, f) for f in ("_merge_caches", "_extend_cache")) and hasattr(batch, "_next")
 
 
+def _keeps_batched() -> bool:
+    from .batch_keep_ring import keeps_batched
+
+    return keeps_batched()
+
+
 def uncovered(model: Any) -> str | None:
     """Why batching cannot serve this model's layout as the sequential path does, or None.
 
@@ -57,7 +63,7 @@ def uncovered(model: Any) -> str | None:
     name = layout.model_name(model)
     try:
         for kind, c in layout.leaves(make_prompt_cache(model), name):
-            if kind == layout.SLIDING and c.keep > 0:
+            if kind == layout.SLIDING and c.keep > 0 and not _keeps_batched():
                 return f"{name}: RotatingKVCache layers keep {c.keep} tokens, which batch caches drop"
             if kind not in COVERED and current().kv_bits is not None:
                 return f"{name}: {type(c).__name__} layers ({kind}) have no batched quantized form"

@@ -1,0 +1,207 @@
+"""batch-handoff: splitting finished prompts off a prompt batch copies no cache arrays,
+and both halves go on exactly as after upstream's deep copy, for every batch cache kind."""
+
+from __future__ import annotations
+
+import importlib
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.generate import PromptProcessingBatch
+from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
+
+import mlx_lm_ext
+from mlx_lm_ext.caches.quantized_rotating import QuantizedRotatingKVCache
+from mlx_lm_ext.fixes import batch_handoff
+
+H, D = 2, 64
+LENGTHS = [5, 9, 20]
+
+
+def _kv(seed: int, n: int, rows: int = 1) -> tuple[mx.array, mx.array]:
+    k = mx.random.normal((rows, H, n, D), key=mx.random.key(seed))
+    return k, k * 0.5
+
+
+KINDS = {
+    "full": KVCache,
+    "ring": lambda: RotatingKVCache(16),
+    "keep-ring": lambda: RotatingKVCache(16, keep=4),
+    "8-bit": lambda: KVCache().to_quantized(group_size=64, bits=8),
+    "8-bit-ring": lambda: QuantizedRotatingKVCache(16, 0, 64, 8),
+    "cache-list": lambda: CacheList(KVCache(), RotatingKVCache(16)),
+}
+
+
+def _fill(cache, seed: int, n: int):
+    subs = cache.caches if isinstance(cache, CacheList) else [cache]
+    for j, c in enumerate(subs):
+        c.update_and_fetch(*_kv(100 * seed + j, n))
+    return cache
+
+
+def _ppb(caches: list[list]) -> PromptProcessingBatch:
+    n = len(caches)
+    return PromptProcessingBatch(
+        model=None,
+        uids=list(range(n)),
+        caches=caches,
+        samplers=[None] * n,
+        logits_processors=[[] for _ in range(n)],
+        stop_sequences=[[] for _ in range(n)],
+        max_tokens=[1] * n,
+    )
+
+
+def _batch(kind: str) -> PromptProcessingBatch:
+    return _ppb([[_fill(KINDS[kind](), r, n)] for r, n in enumerate(LENGTHS)])
+
+
+def _step(batch: PromptProcessingBatch, seed: int) -> list[mx.array]:
+    """One decode write into every layer of the batch; everything it holds after."""
+    for c in batch.prompt_cache:
+        subs = c.caches if isinstance(c, CacheList) else [c]
+        for j, s in enumerate(subs):
+            s.update_and_fetch(*_kv(seed + j, 1, len(batch.uids)))
+    return _arrays_of([c.state for c in batch.prompt_cache])
+
+
+def _arrays_of(tree) -> list[mx.array]:
+    return [x for _, x in tree_flatten(tree) if isinstance(x, mx.array)]
+
+
+@pytest.fixture
+def handoff():
+    """The package's batch fixes (merge of every kind), with and without batch-handoff."""
+    mlx_lm_ext.apply()
+    try:
+        yield
+    finally:
+        mlx_lm_ext.revert()
+
+
+def _split_both_ways(kind: str, rows: list[int]):
+    out = {}
+    for on in (False, True):
+        if on != batch_handoff.FIX.applied:
+            batch_handoff.FIX.revert() if batch_handoff.FIX.applied else batch_handoff.FIX.apply()
+        batch = _batch(kind)
+        new = batch.split(rows)
+        out[on] = (_step(new, 7), _step(batch, 9) if batch.uids else [])
+    return out
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("rows", [[0, 2], [1]], ids=["two-of-three", "one-of-three"])
+def test_a_partial_split_goes_on_as_upstreams(handoff, kind, rows):
+    """Both halves, each written after the split, hold what upstream's copy leaves."""
+    got = _split_both_ways(kind, rows)
+    for mine, theirs in zip(got[True], got[False], strict=True):
+        assert len(mine) == len(theirs) > 0
+        assert all(mx.array_equal(a, b).item() for a, b in zip(mine, theirs, strict=True))
+
+
+def test_arrays_caches_split_as_upstreams(handoff):
+    def batch():
+        caches = []
+        for r in range(3):
+            c = ArraysCache(2)
+            c[0], c[1] = _kv(r, 3)
+            caches.append([c])
+        return _ppb(caches)
+
+    got = {}
+    for on in (True, False):
+        if on != batch_handoff.FIX.applied:
+            batch_handoff.FIX.revert() if batch_handoff.FIX.applied else batch_handoff.FIX.apply()
+        b = batch()
+        new = b.split([2, 0])
+        got[on] = _arrays_of([new.prompt_cache[0].state, b.prompt_cache[0].state])
+    assert all(mx.array_equal(a, b).item() for a, b in zip(got[True], got[False], strict=True))
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["handoff", "upstream"])
+def test_a_whole_split_moves_the_caches(handoff, on):
+    """Every row leaving: the same arrays go over (upstream copies each layer's cache)."""
+    if not on:
+        batch_handoff.FIX.revert()
+    caches = [[_fill(KVCache(), r, 2048)] for r in range(2)]
+    batch = _ppb(caches)
+    keys = batch.prompt_cache[0].keys
+    mx.eval([c.state for c in batch.prompt_cache])
+    mx.synchronize()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    new = batch.split([1, 0])
+    mx.eval([c.state for c in new.prompt_cache])
+    grew = mx.get_peak_memory() - before
+    assert batch.uids == [] and batch.prompt_cache == [] and new.uids == [0, 1]
+    if on:
+        assert new.prompt_cache[0].keys is keys and grew < keys.nbytes // 8, grew
+    else:  # what the fix removes: a copy of every layer's cache
+        assert new.prompt_cache[0].keys is not keys and grew >= keys.nbytes, grew
+
+
+def test_needed_upstream_and_revert_restores(handoff):
+    batch_handoff.FIX.revert()
+    upstream = (PromptProcessingBatch.split, PromptProcessingBatch._copy)
+    assert batch_handoff.FIX.needed()
+    batch_handoff.FIX.apply()
+    assert (PromptProcessingBatch.split, PromptProcessingBatch._copy) == (
+        batch_handoff.split,
+        batch_handoff._copy,
+    )
+    assert not batch_handoff.FIX.needed()
+    batch_handoff.FIX.revert()
+    assert (PromptProcessingBatch.split, PromptProcessingBatch._copy) == upstream
+
+
+def _join_both_ways(kind: str) -> dict[bool, list[mx.array]]:
+    out = {}
+    for on in (False, True):
+        if on != batch_handoff.FIX.applied:
+            batch_handoff.FIX.revert() if batch_handoff.FIX.applied else batch_handoff.FIX.apply()
+        gen = importlib.import_module("mlx_lm.generate")
+        running, joining = _batch(kind), _batch(kind)
+        running.prompt_cache = gen._extend_cache(running.prompt_cache, joining.prompt_cache)
+        running.uids = list(range(6))
+        out[on] = _step(running, 11)
+    return out
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_join_a_layer_at_a_time_holds_what_upstreams_holds(handoff, kind):
+    got = _join_both_ways(kind)
+    assert len(got[True]) == len(got[False]) > 0
+    assert all(mx.array_equal(a, b).item() for a, b in zip(got[True], got[False], strict=True))
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["handoff", "upstream"])
+def test_a_join_holds_one_layer_twice_at_most(handoff, on):
+    """8 layers of two 2-row batches of 2048 tokens: joined a layer at a time, the peak
+    grows by about one joined layer; upstream's join holds every layer twice."""
+    if not on:
+        batch_handoff.FIX.revert()
+    gen = importlib.import_module("mlx_lm.generate")
+
+    def layers(seed):
+        caches = [[KVCache() for _ in range(8)] for _ in range(2)]
+        for r, row in enumerate(caches):
+            for j, c in enumerate(row):
+                c.update_and_fetch(*_kv(seed + 10 * r + j, 2048))
+        return _ppb(caches).prompt_cache
+
+    a, b = layers(0), layers(100)
+    mx.eval([c.state for c in a + b])
+    layer = a[0].keys.nbytes + a[0].values.nbytes  # one layer of one batch
+    mx.synchronize()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    joined = gen._extend_cache(a, b)
+    mx.eval([c.state for c in joined])
+    grew = mx.get_peak_memory() - before
+    if on:
+        assert grew <= 3 * layer, (grew, layer)
+    else:
+        assert grew >= 8 * layer, (grew, layer)
