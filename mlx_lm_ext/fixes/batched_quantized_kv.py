@@ -54,9 +54,10 @@ def _keeps_batched() -> bool:
 def uncovered(model: Any) -> str | None:
     """Why batching cannot serve this model's layout as the sequential path does, or None.
 
-    Batch rings drop a RotatingKVCache's `keep` tokens (upstream's BatchRotatingKVCache
-    has no `keep`), so caches bounded by --max-kv-size (keep=4) are served one at a time
-    whatever the precision; a layout with no batched quantized form is, with --kv-bits.
+    Upstream's batch rings drop a RotatingKVCache's `keep` tokens (BatchRotatingKVCache
+    has no `keep`), so without batch-keep-ring caches bounded by --max-kv-size (keep=4)
+    are served one at a time whatever the precision; a layout with no batched quantized
+    form is, with --kv-bits.
     """
     from mlx_lm.models.cache import make_prompt_cache
 
