@@ -73,9 +73,7 @@ def extend_caches(cache_a: list[Any], cache_b: list[Any]) -> list[Any]:
     joined = []
     for i in range(len(cache_a)):
         layer = join([cache_a[i]], [cache_b[i]])
-        found: dict[int, Any] = {}
-        _arrays(layer, found, set())
-        mx.eval(list(found.values()))
+        mx.eval([c.state for c in layer])
         cache_b[i] = None  # its rows are in the joined layer now
         joined.extend(layer)
     return joined
