@@ -18,6 +18,10 @@ bisects up to the most that do (`--tries` full runs at most). Reported per preci
 requests that fit, the peak of the prefill phase and of the decode phase apart (the
 peak must come from the caches, not from prefilling, or the savings never reach the
 user), and aggregate decode tok/s with every request decoding (median of the steps).
+
+`--timeline N` instead runs N requests once per precision, waiting for the device after
+every `BatchGenerator.next()`, and records each step's batch sizes, finished requests,
+active memory and peak: which step sets the peak, and what it was doing.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from kv_speed import load_model, model_parser, vocab_size
 from results_io import emit, header, kv_label, title
 
 import mlx_lm_ext
+from mlx_lm_ext.fixes import BY_NAME
 from mlx_lm_ext.report.memory import kv_bytes, model_layout
 from mlx_lm_ext.settings import KVSettings, configure
 
@@ -44,8 +49,25 @@ def _prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     return [[(7919 * j + 104729 * i) % (vocab - 5) + 5 for j in range(length)] for i in range(n)]
 
 
-def serve(model: Any, n: int, context: int, bits: int | None, args: Any, vocab: int) -> dict[str, Any]:
-    """One run of n requests through BatchGenerator: peaks by phase, decode tok/s."""
+def _step_row(gen: Any, index: int, responses: list[Any], seconds: float) -> dict[str, Any]:
+    """A timeline row: the step's batch sizes and memory, the device waited for."""
+    mx.synchronize()
+    return {
+        "step": index,
+        "prompt": len(gen._prompt_batch),
+        "generation": len(gen._generation_batch),
+        "finished": sum(r.finish_reason is not None for r in responses),
+        "seconds": round(time.perf_counter() - seconds, 4),
+        "active_gib": round(mx.get_active_memory() / GIB, 3),
+        "peak_gib": round(mx.get_peak_memory() / GIB, 3),
+    }
+
+
+def serve(
+    model: Any, n: int, context: int, bits: int | None, args: Any, vocab: int, timeline: list | None = None
+) -> dict[str, Any]:
+    """One run of n requests through BatchGenerator: peaks by phase, decode tok/s;
+    with `timeline`, a row per step appended to it."""
     from mlx_lm.generate import BatchGenerator
 
     configure(KVSettings(kv_bits=bits, kv_group_size=GROUP, quantized_kv_start=0))
@@ -66,18 +88,22 @@ def serve(model: Any, n: int, context: int, bits: int | None, args: Any, vocab: 
         stop_tokens=[],
     )
     gen.insert(_prompts(n, context, vocab))
-    prefill_peak, prefill_s, steps, tic = None, None, [], time.perf_counter()
+    peaks = {"prefill": 0, "decode": 0}  # the most MLX held in each phase
+    prefill_s, steps, tic = None, [], time.perf_counter()
     try:
         while True:
             start = time.perf_counter()
             _, responses = gen.next()
-            if prefill_peak is None and len(gen._generation_batch) == n:
-                mx.synchronize()  # the last chunk's buffers are freed as the GPU finishes it
-                prefill_peak = mx.get_peak_memory()  # every request prefilled: decode from here
-                prefill_s = time.perf_counter() - tic
-                mx.reset_peak_memory()
-            elif prefill_peak is not None and len(responses) == n:
+            phase = "prefill" if prefill_s is None else "decode"
+            if timeline is not None:  # a row per step, each with its own step's peak
+                timeline.append({**_step_row(gen, len(timeline), responses, start), "phase": phase})
+            elif phase == "decode" and len(responses) == n:
                 steps.append(time.perf_counter() - start)
+            if phase == "prefill" and len(gen._generation_batch) == n:
+                mx.synchronize()  # the last chunk's buffers are freed as the GPU finishes it
+                prefill_s = time.perf_counter() - tic  # every request prefilled: decode from here
+            peaks[phase] = max(peaks[phase], mx.get_peak_memory())
+            mx.reset_peak_memory()
             if not (
                 responses
                 or gen._unprocessed_sequences
@@ -87,12 +113,11 @@ def serve(model: Any, n: int, context: int, bits: int | None, args: Any, vocab: 
                 break
     finally:
         gen.close()
-    decode_peak = mx.get_peak_memory()
     return {
         "requests": n,
-        "peak_bytes": max(prefill_peak or 0, decode_peak),
-        "prefill_peak_bytes": prefill_peak,
-        "decode_peak_bytes": decode_peak,
+        "peak_bytes": max(peaks.values()),
+        "prefill_peak_bytes": peaks["prefill"],
+        "decode_peak_bytes": peaks["decode"],
         "prefill_s": prefill_s,
         "decode_tok_s": n / median(steps) if steps else None,
     }
@@ -147,6 +172,46 @@ def run(model: Any, precisions: list[int | None], args: Any, vocab: int) -> list
     return rows
 
 
+def timelines(model: Any, precisions: list[int | None], args: Any, vocab: int) -> list[dict[str, Any]]:
+    """`--timeline N`: N requests once per precision, a row per step; `--revert`'s
+    fixes taken off after the others are applied (what the run would do without them)."""
+    mlx_lm_ext.apply(KVSettings(kv_group_size=GROUP, quantized_kv_start=0))
+    for name in args.revert:
+        BY_NAME[name].revert()
+    weights = mx.get_active_memory()
+    layers = model_layout(model)
+    serve(model, 2, min(args.context, 2 * args.prefill_step_size), 8, args, vocab)  # warm-up: kernels
+    out = []
+    for bits in precisions:
+        rows: list[dict[str, Any]] = []
+        run = serve(model, args.timeline, args.context, bits, args, vocab, rows)
+        caches = args.timeline * kv_bytes(layers, args.context, bits, GROUP)
+        out.append({"bits": bits, "weights_bytes": weights, "kv_bytes": caches, **run, "timeline": rows})
+        print(json.dumps({k: v for k, v in out[-1].items() if k != "timeline"}), flush=True)
+    return out
+
+
+def timeline_markdown(result: dict[str, Any]) -> str:
+    """Per precision: weights plus caches, and the five steps that peaked highest."""
+    off = f"; without {', '.join(result['revert'])}" if result["revert"] else ""
+    lines = [f"{title(result)}; {result['timeline']} requests of {result['context']} tokens{off}", ""]
+    for t in result["timelines"]:
+        base = (t["weights_bytes"] + t["kv_bytes"]) / GIB
+        lines += [
+            f"{kv_label(t['bits'])}: weights + caches {base:.2f} GiB",
+            "",
+            "| step | phase | prompt | generation | finished | active GiB | peak GiB | over weights + caches |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(t["timeline"], key=lambda r: -r["peak_gib"])[:5]:
+            lines.append(
+                f"| {r['step']} | {r['phase']} | {r['prompt']} | {r['generation']} | {r['finished']} "
+                f"| {r['active_gib']:.2f} | {r['peak_gib']:.2f} | {r['peak_gib'] - base:+.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"{title(result)}; "
@@ -179,7 +244,7 @@ def bits_arg(text: str) -> int | None:
 def main(argv: list[str] | None = None) -> None:
     parser = model_parser(__doc__)
     parser.add_argument("--context", type=int, default=32768, help="prompt tokens a request")
-    parser.add_argument("--limit-gib", type=float, required=True, help="memory limit, weights included")
+    parser.add_argument("--limit-gib", type=float, default=None, help="memory limit, weights included")
     parser.add_argument("--bits", type=bits_arg, nargs="+", default=[None, 8, 4], help="16, 8, 4, ...")
     parser.add_argument("--tokens", type=int, default=16, help="tokens each request generates")
     parser.add_argument(
@@ -187,12 +252,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--prefill-step-size", type=int, default=2048)
     parser.add_argument("--tries", type=int, default=6, help="runs per precision at most")
+    parser.add_argument("--timeline", type=int, default=None, help="N requests once, a row per step")
+    parser.add_argument(
+        "--revert", nargs="*", default=[], choices=sorted(BY_NAME), help="with --timeline: fixes taken off"
+    )
     args = parser.parse_args(argv)
+    if args.timeline is None and args.limit_gib is None:
+        parser.error("--limit-gib is required (or --timeline N)")
     name, model = load_model(args.model, args.config)
     vocab = vocab_size(model)
+    keys = ("context", "tokens", "prompt_concurrency", "prefill_step_size")
+    if args.timeline is not None:
+        result = {**header(name), **{k: getattr(args, k) for k in (*keys, "timeline", "revert")}}
+        result["timelines"] = timelines(model, args.bits, args, vocab)
+        emit(result, args.json, timeline_markdown)
+        return
     rows = run(model, args.bits, args, vocab)
-    keys = ("context", "limit_gib", "tokens", "prompt_concurrency", "prefill_step_size")
-    emit({**header(name), **{k: getattr(args, k) for k in keys}, "rows": rows}, args.json, markdown)
+    settings = {k: getattr(args, k) for k in (*keys, "limit_gib")}
+    emit({**header(name), **settings, "rows": rows}, args.json, markdown)
 
 
 if __name__ == "__main__":

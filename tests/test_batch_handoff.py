@@ -8,7 +8,7 @@ import importlib
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
-from mlx_lm.generate import PromptProcessingBatch
+from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
 from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
 
 import mlx_lm_ext
@@ -205,3 +205,121 @@ def test_a_join_holds_one_layer_twice_at_most(handoff, on):
         assert grew <= 3 * layer, (grew, layer)
     else:
         assert grew >= 8 * layer, (grew, layer)
+
+
+def _filter_both_ways(kind: str, keep: list[int]) -> dict[bool, list[mx.array]]:
+    out = {}
+    for on in (False, True):
+        if on != batch_handoff.FIX.applied:
+            batch_handoff.FIX.revert() if batch_handoff.FIX.applied else batch_handoff.FIX.apply()
+        batch = _batch(kind)
+        batch.filter(keep)
+        out[on] = _step(batch, 13)
+    return out
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("keep", [[0, 2], [2]], ids=["two-of-three", "one-of-three"])
+def test_a_filter_a_layer_at_a_time_holds_what_upstreams_holds(handoff, kind, keep):
+    got = _filter_both_ways(kind, keep)
+    assert len(got[True]) == len(got[False]) > 0
+    assert all(mx.array_equal(a, b).item() for a, b in zip(got[True], got[False], strict=True))
+
+
+def _eight_layers(rows: int = 4, tokens: int = 2048) -> PromptProcessingBatch:
+    """A prompt batch of `rows` requests, 8 layers of `tokens` each, evaluated."""
+    caches = [[KVCache() for _ in range(8)] for _ in range(rows)]
+    for r, row in enumerate(caches):
+        for j, c in enumerate(row):
+            c.update_and_fetch(*_kv(10 * r + j, tokens))
+    batch = _ppb(caches)
+    mx.eval([c.state for c in batch.prompt_cache])
+    return batch
+
+
+def _generation(caches: list) -> GenerationBatch:
+    """A GenerationBatch holding `caches` (no model: it never steps here)."""
+    batch = GenerationBatch(None, [], None, [], [], None, None, None, [], [])
+    n = caches[0].keys.shape[0]
+    batch.uids, batch.prompt_cache, batch.tokens = list(range(n)), caches, [[1]] * n
+    batch.samplers, batch.logits_processors = [None] * n, [[] for _ in range(n)]
+    batch.stop_sequences, batch.max_tokens = [[] for _ in range(n)], [8] * n
+    batch._next_tokens, batch._next_logprobs = mx.zeros((n,), mx.int32), [None] * n
+    batch._token_context, batch._num_tokens, batch._matchers = [None] * n, [0] * n, [None] * n
+    return batch
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["handoff", "upstream"])
+def test_a_finished_request_leaves_holding_one_layer_twice_at_most(handoff, on):
+    """A 4-row batch of 8 layers, one request finishing as `GenerationBatch.next` ends
+    one: its rows extracted, the other three filtered. Upstream's extracted rows are
+    lazy slices holding every layer's whole buffer, and its filter gathers every layer
+    before freeing any: after the step, old and new are held at once."""
+    if not on:
+        batch_handoff.FIX.revert()
+    batch = _generation(_eight_layers().prompt_cache)
+    layer = batch.prompt_cache[0].keys.nbytes + batch.prompt_cache[0].values.nbytes
+    mx.synchronize()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    finished = batch.extract_cache(0)
+    batch.filter([1, 2, 3])
+    mx.eval([c.state for c in batch.prompt_cache])  # the step after
+    grew, held = mx.get_peak_memory() - before, mx.get_active_memory() - before
+    assert batch.uids == [1, 2, 3] and batch.prompt_cache[0].keys.shape[0] == 3
+    if on:
+        # the finished rows (a quarter of every layer, 2 layers' bytes) plus one layer
+        assert grew <= 3 * layer and abs(held) <= layer // 8, (grew, held, layer)
+    else:
+        assert grew >= 5 * layer and held >= 5 * layer, (grew, held, layer)
+    mx.eval([c.state for c in finished])
+    assert finished[0].keys.shape[0] == 1
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["handoff", "upstream"])
+def test_a_prompt_batch_filter_holds_one_layer_twice_at_most(handoff, on):
+    """`PromptProcessingBatch.filter` (a request removed mid-prompt) frees each layer's
+    old buffers before the next layer's rows are gathered."""
+    if not on:
+        batch_handoff.FIX.revert()
+    batch = _eight_layers()
+    layer = batch.prompt_cache[0].keys.nbytes + batch.prompt_cache[0].values.nbytes
+    mx.synchronize()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    batch.filter([0, 1])
+    mx.eval([c.state for c in batch.prompt_cache])
+    grew = mx.get_peak_memory() - before
+    if on:
+        assert grew <= layer, (grew, layer)
+    else:
+        assert grew >= 3 * layer, (grew, layer)
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["handoff", "upstream"])
+def test_the_write_after_a_filter_that_drops_shared_padding_copies_nothing(handoff, on):
+    """Rows 1-3 shorter than row 0 by 1024 tokens: once row 0 leaves, upstream's filter
+    slices the shared padding off, leaving every layer a view, and the next decode write
+    into a view copies the layer: every layer at once in one step. With the fix each
+    layer was copied during the filter, one at a time, and the write copies nothing."""
+    if not on:
+        batch_handoff.FIX.revert()
+    caches = [[KVCache() for _ in range(8)] for _ in range(4)]
+    for r, row in enumerate(caches):
+        for j, c in enumerate(row):
+            c.update_and_fetch(*_kv(10 * r + j, 2048 if r == 0 else 1024))
+    batch = _ppb(caches)
+    _step(batch, 3)  # a decode write: the buffers grow past the tokens
+    batch.filter([1, 2, 3])
+    mx.eval([c.state for c in batch.prompt_cache])
+    assert batch.prompt_cache[0].left_padding.tolist() == [0, 0, 0]
+    layer = batch.prompt_cache[0].keys.nbytes + batch.prompt_cache[0].values.nbytes
+    mx.synchronize()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    _step(batch, 5)
+    grew = mx.get_peak_memory() - before
+    if on:
+        assert grew <= layer // 8, (grew, layer)
+    else:
+        assert grew >= 4 * layer, (grew, layer)

@@ -1,4 +1,5 @@
-"""Prompts that finish prefilling hand their caches to generation without copying them.
+"""Batches hand prompts to generation, join and drop requests without holding every
+layer's cache twice.
 
 Upstream (0.32.2): `PromptProcessingBatch.split`, which moves the requests whose prompts
 are done to the generation batch, starts from `copy.deepcopy` of the whole prompt batch,
@@ -20,12 +21,24 @@ buffers of both batches are held with the new ones: with 12 requests of 32K at 1
 the layers are joined one at a time, each evaluated before the next and the joining
 batch's layer dropped once joined (the joining batch is consumed, as every caller of
 `extend` leaves it), so a join holds one layer twice at most.
+
+A request that finishes leaves the same way: `GenerationBatch.next` extracts its rows
+(lazily, slices of the batch's buffers) and filters the rest out of every layer (a
+gather each), all evaluated with the next step, when every layer's old buffers are held
+beside the new ones (on the H200, 12 requests of 32K at 16 bits, 8 finishing: 21 GiB
+above weights and caches). Here a filter goes a layer at a time: the kept rows and the
+leaving requests' rows (while anything holds them) evaluated, then the old layer freed,
+before the next layer; and where upstream's filter leaves a view (shared left padding
+sliced off), the layer is copied then, not by the first write of the next step, which
+would copy every layer at once.
 Patch file: patches/0022-batch-handoff.patch.
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -79,6 +92,58 @@ def extend_caches(cache_a: list[Any], cache_b: list[Any]) -> list[Any]:
     return joined
 
 
+def filter_caches(caches: list[Any], keep: list[int], leaving: list[list[Any]]) -> None:
+    """Layer by layer: the kept rows filtered, the leaving requests' rows (extracted,
+    still alive) and the kept ones evaluated, before the next layer is touched."""
+    for i, c in enumerate(caches):
+        if keep:
+            c.filter(keep)
+            _own_buffers(c)
+        rows = [x for x in (r[i]() for r in leaving) if x is not None]
+        mx.eval(c.state if keep else [], [x.state for x in rows])
+        if not keep:
+            caches[i] = None  # every row has left: the layer's buffers go now
+    if not keep:
+        caches.clear()
+
+
+def _own_buffers(cache: Any) -> None:
+    """A 16-bit cache's keys and values as arrays of their own. Upstream's filter drops
+    the left padding its rows share by slicing, and the next write into that view copies
+    the whole layer; done here, a layer at a time, it never copies every layer at once."""
+    subs = cache.caches if isinstance(getattr(cache, "caches", None), tuple) else (cache,)
+    for sub in subs:
+        own = vars(sub)  # a property (a quantized cache's tail) is not read: it would flush
+        if isinstance(own.get("keys"), mx.array) and isinstance(own.get("values"), mx.array):
+            sub.keys, sub.values = mx.contiguous(sub.keys), mx.contiguous(sub.values)
+
+
+def _in_layers(owner: Callable[[], type]) -> tuple[Callable, Callable]:
+    """A batch class's `filter` and `extract_cache`: rows extracted stay lazy, as
+    upstream's, and are evaluated with the filter that follows, a layer at a time."""
+
+    def extract_cache(self, idx: int) -> list[Any]:
+        out = FIX.original(owner(), "extract_cache")(self, idx)
+        vars(self).setdefault("_leaving", []).append([weakref.ref(c) for c in out])
+        return out
+
+    def filter(self, keep: list[int]) -> None:
+        caches, self.prompt_cache = self.prompt_cache, []
+        try:
+            FIX.original(owner(), "filter")(self, keep)  # the batch's lists, no cache
+        finally:
+            self.prompt_cache = caches
+        filter_caches(caches, keep, vars(self).pop("_leaving", []))
+
+    return filter, extract_cache
+
+
+def _generation_owner() -> type:
+    from mlx_lm.generate import GenerationBatch
+
+    return GenerationBatch
+
+
 def _owner() -> type:
     from mlx_lm.generate import PromptProcessingBatch
 
@@ -105,7 +170,10 @@ def split(self, indices: list[int]):
 
 class BatchHandoff(Fix):
     name = "batch-handoff"
-    summary = "prompts that finish prefilling hand their caches to generation without copying them"
+    summary = (
+        "finished prompts hand their caches to generation uncopied; joins and finished "
+        "requests go a layer at a time"
+    )
 
     def needed(self) -> bool:
         owner = getattr(_generate(), "PromptProcessingBatch", None)
@@ -117,6 +185,10 @@ class BatchHandoff(Fix):
         patcher.set(_owner(), "_copy", _copy)
         patcher.set(_owner(), "split", split)
         patcher.set(_generate(), "_extend_cache", extend_caches)
+        for owner in (_owner, _generation_owner):
+            filter, extract_cache = _in_layers(owner)
+            patcher.set(owner(), "filter", filter)
+            patcher.set(owner(), "extract_cache", extract_cache)
 
 
 def _split_copies_arrays(owner: type) -> bool:
