@@ -200,7 +200,8 @@ def timeline_markdown(result: dict[str, Any]) -> str:
         lines += [
             f"{kv_label(t['bits'])}: weights + caches {base:.2f} GiB",
             "",
-            "| step | phase | prompt | generation | finished | active GiB | peak GiB | over weights + caches |",
+            "| step | phase | prompt | generation | finished | active GiB | peak GiB "
+            "| over weights + caches |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(t["timeline"], key=lambda r: -r["peak_gib"])[:5]:
