@@ -297,11 +297,11 @@ def test_a_prompt_batch_filter_holds_one_layer_twice_at_most(handoff, on):
 
 
 @pytest.mark.parametrize("on", [True, False], ids=["handoff", "upstream"])
-def test_the_write_after_a_filter_that_drops_shared_padding_copies_nothing(handoff, on):
+def test_a_filter_that_drops_shared_padding_frees_it(handoff, on):
     """Rows 1-3 shorter than row 0 by 1024 tokens: once row 0 leaves, upstream's filter
-    slices the shared padding off, leaving every layer a view, and the next decode write
-    into a view copies the layer: every layer at once in one step. With the fix each
-    layer was copied during the filter, one at a time, and the write copies nothing."""
+    slices the padding the rest share off each layer, a view that still holds it (until
+    the buffer next grows). With the fix each layer is copied to its own buffer, one at
+    a time, the padding freed; the next decode write then copies nothing."""
     if not on:
         batch_handoff.FIX.revert()
     caches = [[KVCache() for _ in range(8)] for _ in range(4)]
@@ -309,17 +309,26 @@ def test_the_write_after_a_filter_that_drops_shared_padding_copies_nothing(hando
         for j, c in enumerate(row):
             c.update_and_fetch(*_kv(10 * r + j, 2048 if r == 0 else 1024))
     batch = _ppb(caches)
-    _step(batch, 3)  # a decode write: the buffers grow past the tokens
+    del caches
+    _step(batch, 3)  # a decode write: the buffers grow past the tokens (2304 columns)
+    mx.eval([c.state for c in batch.prompt_cache])
+    padding = 8 * 2 * 3 * H * 1024 * D * 4  # 8 layers, keys and values, 3 rows, float32
+    mx.synchronize()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
     batch.filter([1, 2, 3])
     mx.eval([c.state for c in batch.prompt_cache])
     assert batch.prompt_cache[0].left_padding.tolist() == [0, 0, 0]
-    layer = batch.prompt_cache[0].keys.nbytes + batch.prompt_cache[0].values.nbytes
-    mx.synchronize()
-    mx.reset_peak_memory()
-    before = mx.get_active_memory()
-    _step(batch, 5)
-    grew = mx.get_peak_memory() - before
+    assert batch.prompt_cache[0].keys.shape[2] == 2304 - 1024
+    three_rows = 8 * 2 * 3 * H * 2304 * D * 4
+    held = mx.get_active_memory() - before + 4 * three_rows // 3  # what the batch holds now
+    layer = 2 * 3 * H * 2304 * D * 4
     if on:
-        assert grew <= layer // 8, (grew, layer)
+        assert abs(held - (three_rows - padding)) <= layer // 8, (held, three_rows, padding)
+        assert mx.get_peak_memory() - before <= 2 * layer, "a layer (gathered, then copied) at a time"
+        mx.reset_peak_memory()
+        start = mx.get_active_memory()
+        _step(batch, 5)
+        assert mx.get_peak_memory() - start <= layer // 8, "the write copies nothing"
     else:
-        assert grew >= 4 * layer, (grew, layer)
+        assert abs(held - three_rows) <= layer // 8, (held, three_rows)
