@@ -114,7 +114,7 @@ def test_prompt_masks_become_additive_decode_masks_stay(fix, monkeypatch):
         seen.append(mask)
         return inner(*args, mask=mask, **kwargs)
 
-    wrapped = cuda_prefill.additive_masks(spy)
+    wrapped = cuda_prefill.prefill_attention(spy)
     q = mx.random.normal((2, 4, 3, 64))
     k = mx.random.normal((2, 2, 5, 64))
     mask = mx.array([[[[True] * 5] * 3], [[[False, True, True, True, True]] * 3]])
@@ -124,6 +124,88 @@ def test_prompt_masks_become_additive_decode_masks_stay(fix, monkeypatch):
     assert mx.allclose(out, ref, atol=1e-5).item()
     wrapped(q[:, :, :1], k, k, None, scale=0.1, mask=mask[:, :, :1])
     assert seen[-1].dtype == mx.bool_
+
+
+def _gemma_chunk(length: int = 96, context: int = 160, batch: int = 2):
+    """A prompt chunk of Gemma 3's head shape (4 query heads, 1 KV head x 256)."""
+    keys = [mx.random.key(s) for s in range(3)]
+    q = mx.random.normal((batch, 4, length, 256), key=keys[0])
+    k = mx.random.normal((batch, 1, context, 256), key=keys[1])
+    return q, k, mx.random.normal((batch, 1, context, 256), key=keys[2])
+
+
+MASKS = {
+    "none": lambda L, S: None,
+    "causal": lambda L, S: "causal",
+    "window": lambda L, S: (
+        (mx.arange(S)[None] <= mx.arange(S - L, S)[:, None])
+        & (mx.arange(S)[None] > mx.arange(S - L, S)[:, None] - 64)
+    ),
+    "additive": lambda L, S: mx.where(mx.arange(S)[None] % 3 == 0, -mx.inf, 0.0) * mx.ones((L, 1)),
+}
+
+
+@pytest.mark.parametrize("sinks", [False, True], ids=["", "sinks"])
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_blocked_attention_is_the_fused_call(monkeypatch, mask, sinks):
+    """Queries in blocks of 40 (96 = 40 + 40 + 16), every mask kind a prompt chunk
+    gets: the same output as one call."""
+    q, k, v = _gemma_chunk()
+    m = MASKS[mask](96, 160)
+    s = mx.array([0.5, -1.0, 0.0, 2.0]) if sinks else None
+    monkeypatch.setattr(cuda_prefill, "SCORE_BYTES", 40 * 2 * 4 * 160 * 4)
+    assert cuda_prefill.block_rows(q, k) == 40
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.06, mask=m, sinks=s)
+    out = cuda_prefill.blocked_attention(q, k, v, 0.06, m, s)
+    assert mx.allclose(out, ref, atol=1e-5).item()
+
+
+def test_blocked_attention_only_where_scores_are_materialized(monkeypatch):
+    q, k, _ = _gemma_chunk()
+    monkeypatch.setattr(cuda_prefill, "SCORE_BYTES", 40 * 2 * 4 * 160 * 4)
+    assert cuda_prefill.block_rows(q[..., :1, :], k) is None  # decode
+    assert cuda_prefill.block_rows(q[..., :128], k[..., :128]) is None  # head dim 128: fused
+    monkeypatch.setattr(cuda_prefill, "SCORE_BYTES", 96 * 2 * 4 * 160 * 4)
+    assert cuda_prefill.block_rows(q, k) is None  # fits in one block
+
+
+def test_blocked_attention_bounds_the_scores(monkeypatch):
+    """MLX's CPU attention materializes scores for every head dim: 4 x 512 x 2048
+    float32 scores are 16 MiB in one call; in blocks of 2 MiB the peak stays a few
+    blocks' worth (on CUDA the same holds for head dims past 128)."""
+    q, k, v = _gemma_chunk(512, 2048, batch=1)
+    mx.eval(q, k, v)
+    scores = 4 * 512 * 2048 * 4
+    peaks = {}
+    for blocks in (1, 8):
+        monkeypatch.setattr(cuda_prefill, "SCORE_BYTES", scores // blocks)
+        mx.synchronize()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        mx.eval(cuda_prefill.blocked_attention(q, k, v, 0.06, "causal"))
+        peaks[blocks] = mx.get_peak_memory() - before
+    assert peaks[1] >= scores and peaks[8] <= peaks[1] / 2, peaks
+
+
+def test_quantized_prompt_chunks_attend_in_blocks(fix, monkeypatch):
+    """The quantized cache's prompt chunks (dequantized, then the fused call) go
+    through the same blocks."""
+    from mlx_lm_ext.fixes import quantized_attention
+
+    calls = []
+    monkeypatch.setattr(cuda_prefill, "SCORE_BYTES", 40 * 2 * 4 * 160 * 4)
+    real = mx.fast.scaled_dot_product_attention
+    monkeypatch.setattr(
+        mx.fast,
+        "scaled_dot_product_attention",
+        lambda q, *a, **kw: calls.append(q.shape[-2]) or real(q, *a, **kw),
+    )
+    q, k, v = _gemma_chunk()
+    ops = quantized_attention.QuantizedOperands(
+        mx.quantize(k, group_size=64, bits=8), mx.quantize(v, group_size=64, bits=8), 64, 8
+    )
+    out = quantized_attention.dequantized_attention(q, ops, 0.06, "causal")
+    assert calls == [40, 40, 16] and out.shape == q.shape
 
 
 def test_revert_restores_every_binding():
@@ -137,6 +219,9 @@ def test_revert_restores_every_binding():
     cuda_prefill.FIX.revert()
     assert {cls: vars(cls)["update_and_fetch"] for cls in classes} == before
     assert llama.scaled_dot_product_attention is attention and not cuda_prefill.installed()
+    from mlx_lm_ext.fixes import quantized_attention
+
+    assert quantized_attention.fused_attention is mx.fast.scaled_dot_product_attention
     assert cuda_prefill.FIX.needed() is cuda_prefill.on_cuda()
 
 
@@ -165,3 +250,25 @@ def test_prefill_peak_bounded_on_cuda():
     finally:
         cuda_prefill.FIX.revert()
     assert patched < 0.4 * upstream, (patched, upstream)
+
+
+@pytest.mark.gpu
+def test_blocked_attention_peak_on_cuda():
+    """Gemma 3's head dim (256) has no fused prefill kernel on CUDA: 8 prompts' 2048-query
+    chunk over 32K keys materializes 4 GiB of scores in one call (H200, MLX 0.32.4); in
+    blocks, two blocks' scores at most."""
+    q, k, v = (x.astype(mx.bfloat16) for x in _gemma_chunk(2048, 32768, batch=8))
+    mx.eval(q, k, v)
+    peaks = {}
+    for name, attend in (("one call", mx.fast.scaled_dot_product_attention), ("blocks", None)):
+        mx.synchronize()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        if attend is None:
+            out = cuda_prefill.blocked_attention(q, k, v, 0.06, "causal")
+        else:
+            out = attend(q, k, v, scale=0.06, mask="causal")
+        mx.eval(out)
+        mx.synchronize()
+        peaks[name] = mx.get_peak_memory() - before
+    assert peaks["one call"] >= 2**32 and peaks["blocks"] <= 3 * cuda_prefill.SCORE_BYTES, peaks

@@ -19,6 +19,12 @@ fix 2.9 and 4.6 GiB, prefilling 1.4x and 2.7x as fast.
   B x heads x chunk x context (8 GiB a layer for 4 x 2048 queries over 8K keys).
   Boolean masks of prompt chunks become additive, -inf where masked, as MLX itself
   converts them where its fused kernel takes the mask.
+- Nor does the fused kernel take head dims past 128 (Gemma 3's 256): one call of 8 x
+  2048 queries (4 heads) over 32K keys held 4.06 GiB of scores at 256 and 0.02 at 128,
+  and Gemma 3 270M's 8-prompt prefill peaked 7.3 GiB above a 1.6 GiB cache. Such a
+  chunk's attention runs in blocks of queries whose scores fit `SCORE_BYTES`, each
+  block started before the previous one is awaited (`blocked_attention`), the 16-bit
+  cache's and the dequantized quantized cache's alike.
 
 Installed where MLX runs on CUDA. Metal keeps command buffers' inputs the same way but
 is not measured here; the CPU backend frees intermediates as it goes (a prefill's peak
@@ -36,9 +42,12 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from . import quantized_attention
 from .base import Fix, Patcher
 
 MIN_TOKENS = 64  # rows a cache write needs to count as a prompt chunk
+FUSED_HEAD_DIM = 128  # the largest head dim MLX 0.32.4's CUDA prefill attention fuses
+SCORE_BYTES = 1 << 30  # float32 scores one block of queries may materialize
 _MARK = "_cuda_prefill"
 _IN_FLIGHT: list[mx.array] = []  # the last prompt-chunk write's marker, started, not awaited
 
@@ -101,14 +110,61 @@ def paced(update: Callable[..., Any]) -> Callable[..., Any]:
     return update_and_fetch
 
 
-def additive_masks(attention: Callable[..., Any]) -> Callable[..., Any]:
+def block_rows(queries: mx.array, keys: mx.array) -> int | None:
+    """Queries a block, where attention would materialize more than SCORE_BYTES of
+    scores (a head dim the fused kernel does not take); None: one call."""
+    batch, heads, length, dim = queries.shape
+    if length <= 1 or dim <= FUSED_HEAD_DIM:
+        return None
+    rows = max(1, SCORE_BYTES // (batch * heads * keys.shape[-2] * 4))
+    return rows if rows < length else None
+
+
+def _block_mask(mask: Any, start: int, end: int, length: int) -> Any:
+    """The mask of queries start..end of `length` ("causal" stays: its keys are cut)."""
+    if isinstance(mask, mx.array) and mask.ndim >= 2 and mask.shape[-2] == length:
+        return mask[..., start:end, :]
+    return mask
+
+
+def blocked_attention(queries, keys, values, scale: float, mask: Any, sinks=None) -> mx.array:
+    """mx.fast.scaled_dot_product_attention over blocks of `block_rows` queries, each
+    started before the previous is awaited, so two blocks' scores are alive at most; a
+    causal block sees the keys up to its last query, as the causal mask aligns them."""
+    rows, attend = block_rows(queries, keys), mx.fast.scaled_dot_product_attention
+    if rows is None:
+        return attend(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
+    length, context = queries.shape[-2], keys.shape[-2]
+    outs: list[mx.array] = []
+    for start in range(0, length, rows):
+        end = min(length, start + rows)
+        seen = context - length + end if isinstance(mask, str) else context
+        out = attend(
+            queries[..., start:end, :],
+            keys[..., :seen, :],
+            values[..., :seen, :],
+            scale=scale,
+            mask=_block_mask(mask, start, end, length),
+            sinks=sinks,
+        )
+        mx.async_eval(out)
+        if outs:
+            mx.eval(outs[-1])
+        outs.append(out)
+    return mx.concatenate(outs, axis=-2)
+
+
+def prefill_attention(attention: Callable[..., Any]) -> Callable[..., Any]:
     """mlx_lm.models.base.scaled_dot_product_attention with a prompt chunk's boolean
-    mask made additive in the queries' dtype."""
+    mask made additive in the queries' dtype, and a 16-bit chunk whose head dim the
+    fused kernel does not take attended in blocks."""
 
     @functools.wraps(attention)
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
         if queries.shape[-2] > 1 and isinstance(mask, mx.array) and mask.dtype == mx.bool_:
             mask = mx.where(mask, mx.array(0, queries.dtype), mx.array(-mx.inf, queries.dtype))
+        if isinstance(keys, mx.array) and not hasattr(cache, "bits") and block_rows(queries, keys):
+            return blocked_attention(queries, keys, values, scale, mask, sinks)
         return attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
 
     setattr(scaled_dot_product_attention, _MARK, True)
@@ -140,7 +196,8 @@ class CudaPrefill(Fix):
         for cls in cache_classes():
             patcher.set(cls, "update_and_fetch", paced(vars(cls)["update_and_fetch"]))
         attention = base.scaled_dot_product_attention
-        patcher.rebind(attention, additive_masks(attention))
+        patcher.rebind(attention, prefill_attention(attention))
+        patcher.set(quantized_attention, "fused_attention", blocked_attention)
         patcher.defer(_IN_FLIGHT.clear)
 
 

@@ -31,6 +31,10 @@ from ..caches import kv_format
 from ..capability import strided_quantized_matmul
 from .base import Fix, Patcher
 
+# The fused 16-bit attention prompt chunks run on dequantized rows; cuda-prefill binds
+# its blocked form where the fused kernel would materialize the scores.
+fused_attention = mx.fast.scaled_dot_product_attention
+
 
 class QuantizedOperands(NamedTuple):
     """What attention reads from a quantized cache: the (data, scales, biases) triples of
@@ -156,7 +160,7 @@ def dequantized_attention(
     if ops.tail is not None:
         k = mx.concatenate([k, ops.tail.keys.astype(k.dtype)], axis=-2)
         v = mx.concatenate([v, ops.tail.values.astype(v.dtype)], axis=-2)
-    return mx.fast.scaled_dot_product_attention(queries, k, v, scale=scale, mask=mask, sinks=sinks)
+    return fused_attention(queries, k, v, scale=scale, mask=mask, sinks=sinks)
 
 
 def _decode_mask(mask, batch: int, length: int):
