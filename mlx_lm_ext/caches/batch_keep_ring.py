@@ -191,14 +191,18 @@ class BatchKeepRotatingKVCache(_BaseCache):
         return self._fetch(start + written + n)
 
     # -- layout: [first keep tokens][padding][the rest, oldest first] -------------------
-    def _columns(self, r: int) -> mx.array:
-        """Row r's token columns, oldest first."""
+    def _spans(self, r: int) -> list[tuple[int, int]]:
+        """Row r's token columns, oldest first, as [start, end) spans."""
         lo, hi = self._hole[r]
         idx = self._idx if self._wrapped else self.keep
         parts = [(0, self._head[r]), (max(idx, hi), self._width), (self.keep, idx)]
         if self._chunks is not None:
             parts.append((self._first[r], self._first[r] + self._prompt[r]))
-        return mx.concatenate([mx.arange(a, b) for a, b in parts if b > a] or [mx.array([], mx.int32)])
+        return [(a, b) for a, b in parts if b > a]
+
+    def _columns(self, r: int) -> mx.array:
+        """Row r's token columns, oldest first."""
+        return mx.concatenate([mx.arange(a, b) for a, b in self._spans(r)] or [mx.array([], mx.int32)])
 
     def _trimmed(self, r: int, limit: int | None) -> mx.array:
         """Row r's token columns, oldest first, trimmed to `limit` as its ring trims:
@@ -226,7 +230,7 @@ class BatchKeepRotatingKVCache(_BaseCache):
         hold max_size or more keep their first `keep` and newest `max_size - 1 - keep`,
         as a ring alone does, and every row's tokens are regathered into one region
         (where the mask's window over columns is each row's window over its tokens)."""
-        held = [self._columns(r).size for r in range(len(self._count))]
+        held = [sum(b - a for a, b in self._spans(r)) for r in range(len(self._count))]  # no arrays
         top = self.max_size
         past = [k and (h >= top or (self._width and h + k > top)) for h, k in zip(held, real, strict=True)]
         if self.keys is None or not any(past):
