@@ -332,3 +332,17 @@ def test_a_filter_that_drops_shared_padding_frees_it(handoff, on):
         assert mx.get_peak_memory() - start <= layer // 8, "the write copies nothing"
     else:
         assert abs(held - three_rows) <= layer // 8, (held, three_rows)
+
+
+def test_extracted_caches_dropped_are_not_kept_track_of(handoff):
+    """A server extracts caches with no filter after (a prompt cache snapshot): the
+    batch keeps no record of those already dropped, and holds none alive."""
+    batch = _generation(_eight_layers().prompt_cache)
+    for _ in range(5):
+        batch.extract_cache(1)
+    assert len(batch._leaving) == 1  # the last one's caches only die with the statement
+    kept = batch.extract_cache(2)
+    batch.extract_cache(3)
+    assert len(batch._leaving) == 2 and batch._leaving[0][0]() is kept[0]
+    batch.filter([0, 1])
+    assert "_leaving" not in vars(batch) and kept[0].keys.shape[0] == 1

@@ -125,7 +125,8 @@ def _in_layers(owner: Callable[[], type]) -> tuple[Callable, Callable]:
 
     def extract_cache(self, idx: int) -> list[Any]:
         out = FIX.original(owner(), "extract_cache")(self, idx)
-        vars(self).setdefault("_leaving", []).append([weakref.ref(c) for c in out])
+        alive = [r for r in vars(self).get("_leaving", []) if any(w() is not None for w in r)]
+        self._leaving = [*alive, [weakref.ref(c) for c in out]]  # no filter may follow
         return out
 
     def filter(self, keep: list[int]) -> None:
