@@ -27,6 +27,9 @@ PROJECT = Path(__file__).resolve().parents[2]
 # tests/test_evaluate.py is reported as not collected on both trees instead.
 # pytest and pytest-xdist come with release_requirements.
 UPSTREAM_TEST_DEPS = ["requests", "Pillow", "datasets"]
+# This project goes in with --no-deps (mlx-lm is swapped in and out): its own other
+# dependency, for the zoo's real models converted from GGUF files (pyproject.toml).
+PROJECT_DEPS = ["gguf>=0.10"]
 RUNS = ("upstream-unpatched", "compat-monkeypatch", "upstream-patched", "compat-patches")
 
 
@@ -58,7 +61,8 @@ class Environment:
         self.python = root / "bin" / "python"
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(root)], check=True)
         self.pip("install", "-q", "--upgrade", "pip")
-        self.pip("install", "-q", *release_requirements(release, platform.system()), *UPSTREAM_TEST_DEPS)
+        requirements = release_requirements(release, platform.system())
+        self.pip("install", "-q", *requirements, *UPSTREAM_TEST_DEPS, *PROJECT_DEPS)
 
     def pip(self, *args: str) -> None:
         subprocess.run([str(self.python), "-m", "pip", *args], check=True)
