@@ -110,8 +110,8 @@ def filter_caches(caches: list[Any], keep: list[int], leaving: list[list[Any]]) 
 
 def _own_buffers(cache: Any) -> None:
     """A 16-bit cache's keys and values as arrays of their own. Upstream's filter drops
-    the left padding its rows share by slicing, and the next write into that view copies
-    the whole layer; done here, a layer at a time, it never copies every layer at once."""
+    the left padding its rows share by slicing, and the view keeps holding that padding
+    until the buffer next grows; copied here, a layer at a time, the padding is freed."""
     subs = cache.caches if isinstance(getattr(cache, "caches", None), tuple) else (cache,)
     for sub in subs:
         own = vars(sub)  # a property (a quantized cache's tail) is not read: it would flush
