@@ -126,6 +126,22 @@ def test_prompt_masks_become_additive_decode_masks_stay(fix, monkeypatch):
     assert seen[-1].dtype == mx.bool_
 
 
+def test_a_chunk_mask_is_made_additive_once_for_every_layer(fix, monkeypatch):
+    """Every layer gets the one additive copy of the chunk's mask; it goes with the mask."""
+    seen = []
+    monkeypatch.setattr(base, "scaled_dot_product_attention", lambda *a, mask, **kw: seen.append(mask))
+    wrapped = cuda_prefill.prefill_attention(base.scaled_dot_product_attention)
+    q, k = mx.zeros((2, 4, 3, 64)), mx.zeros((2, 2, 5, 64))
+    mask = mx.arange(5)[None, None, None] >= mx.array([0, 2])[:, None, None, None]
+    for _ in range(LAYERS):
+        wrapped(q, k, k, None, scale=0.1, mask=mask)
+    wrapped(q.astype(mx.float16), k, k, None, scale=0.1, mask=mask)
+    assert all(m is seen[0] for m in seen[:LAYERS]) and seen[-1] is not seen[0]
+    assert seen[-1].dtype == mx.float16 and len(cuda_prefill._ADDITIVE) == 2
+    del mask
+    assert not cuda_prefill._ADDITIVE
+
+
 def _gemma_chunk(length: int = 96, context: int = 160, batch: int = 2):
     """A prompt chunk of Gemma 3's head shape (4 query heads, 1 KV head x 256)."""
     keys = [mx.random.key(s) for s in range(3)]

@@ -18,7 +18,8 @@ fix 2.9 and 4.6 GiB, prefilling 1.4x and 2.7x as fast.
   boolean mask of a batch (left padding) attention materializes float32 scores,
   B x heads x chunk x context (8 GiB a layer for 4 x 2048 queries over 8K keys).
   Boolean masks of prompt chunks become additive, -inf where masked, as MLX itself
-  converts them where its fused kernel takes the mask.
+  converts them where its fused kernel takes the mask: once a chunk, not once a layer
+  (`additive_mask`), since the layers in flight would each hold a copy.
 - Nor does the fused kernel take head dims past 128 (Gemma 3's 256): one call of 8 x
   2048 queries (4 heads) over 32K keys held 4.06 GiB of scores at 256 and 0.02 at 128,
   and Gemma 3 270M's 8-prompt prefill peaked 7.3 GiB above a 1.6 GiB cache. Such a
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +52,7 @@ FUSED_HEAD_DIM = 128  # the largest head dim MLX 0.32.4's CUDA prefill attention
 SCORE_BYTES = 1 << 30  # float32 scores one block of queries may materialize
 _MARK = "_cuda_prefill"
 _IN_FLIGHT: list[mx.array] = []  # the last prompt-chunk write's marker, started, not awaited
+_ADDITIVE: dict[tuple[int, str], tuple[weakref.ref, mx.array]] = {}  # boolean mask -> additive
 
 
 def cache_classes() -> list[type]:
@@ -154,6 +157,23 @@ def blocked_attention(queries, keys, values, scale: float, mask: Any, sinks=None
     return mx.concatenate(outs, axis=-2)
 
 
+def additive_mask(mask: mx.array, dtype: mx.Dtype) -> mx.array:
+    """`mask` as 0 / -inf in `dtype`, made once for every layer it is handed to.
+
+    A model builds a chunk's mask once and hands the same array to every layer; made
+    per layer, each layer the GPU has not yet run held its own copy (B x chunk x
+    context: 1 GiB a layer at 8 x 2048 queries over 32K keys). The copy is dropped with
+    the boolean mask it came from."""
+    key = (id(mask), str(dtype))
+    held = _ADDITIVE.get(key)
+    if held is not None and held[0]() is mask:
+        return held[1]
+    out = mx.where(mask, mx.array(0, dtype), mx.array(-mx.inf, dtype))
+    _ADDITIVE[key] = (weakref.ref(mask), out)
+    weakref.finalize(mask, _ADDITIVE.pop, key, None)
+    return out
+
+
 def prefill_attention(attention: Callable[..., Any]) -> Callable[..., Any]:
     """mlx_lm.models.base.scaled_dot_product_attention with a prompt chunk's boolean
     mask made additive in the queries' dtype, and a 16-bit chunk whose head dim the
@@ -162,7 +182,7 @@ def prefill_attention(attention: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(attention)
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
         if queries.shape[-2] > 1 and isinstance(mask, mx.array) and mask.dtype == mx.bool_:
-            mask = mx.where(mask, mx.array(0, queries.dtype), mx.array(-mx.inf, queries.dtype))
+            mask = additive_mask(mask, queries.dtype)
         if isinstance(keys, mx.array) and not hasattr(cache, "bits") and block_rows(queries, keys):
             return blocked_attention(queries, keys, values, scale, mask, sinks)
         return attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
@@ -199,6 +219,7 @@ class CudaPrefill(Fix):
         patcher.rebind(attention, prefill_attention(attention))
         patcher.set(quantized_attention, "fused_attention", blocked_attention)
         patcher.defer(_IN_FLIGHT.clear)
+        patcher.defer(_ADDITIVE.clear)
 
 
 FIX = CudaPrefill()
