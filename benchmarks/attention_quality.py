@@ -28,7 +28,6 @@ import argparse
 import copy
 import importlib
 import json
-import random
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +37,7 @@ from results_io import emit, machine
 
 import mlx_lm_ext
 from mlx_lm_ext.fixes.base import Patcher
+from mlx_lm_ext.report.measure import bootstrap_interval
 from mlx_lm_ext.report.quality import prose
 from mlx_lm_ext.zoo import get_entry, resolve
 
@@ -159,9 +159,7 @@ def paired(rows: list[dict], bits: int, a: str, b: str, draws: int = 2000) -> tu
         values = [d for w in ws for d in diffs[w]]
         return sum(values) / len(values)
 
-    rng = random.Random(0)
-    boot = sorted(mean([rng.choice(windows) for _ in windows]) for _ in range(draws))
-    return mean(windows), boot[int(0.025 * draws)], boot[int(0.975 * draws) - 1]
+    return mean(windows), *bootstrap_interval(windows, mean, draws)
 
 
 def markdown(result: dict) -> str:

@@ -19,8 +19,9 @@ in the same process, on unpatched mlx-lm (every fix reverted) and patched
   built while the device runs the current one, as in `mlx_lm.generate` and the server:
   what users get) and `step tok/s`, each step evaluated before the next is built
   (dispatch and kernels add up, so it also shows what a path costs in ops); each ratio
-  to unpatched 16-bit is taken within a round and given as the median and range over
-  rounds (patched 16-bit, the same code path, shows how far the method can be trusted);
+  to unpatched 16-bit is taken within a round and given as the median over rounds, its
+  95% bootstrap interval and the range (patched 16-bit, the same code path, shows how
+  far the method can be trusted);
 - prefill: `--prefill` real tokens in generate_step's 2048-token chunks, quantized from
   the first chunk (`--quantized-kv-start 0`), timed on a second pass after a warm-up one;
 - quantize: the one-off conversion of the filled 16-bit cache when decode crosses
@@ -42,6 +43,7 @@ from results_io import emit, header, title
 
 import mlx_lm_ext
 from mlx_lm_ext.report.measure import (
+    bootstrap_interval,
     decode_rate,
     filled_cache,
     generation_rate,
@@ -241,6 +243,7 @@ def _round_ratios(rows: list[dict[str, Any]], key: str, rounds: str) -> None:
             ratios = [a / b for a, b in zip(r[rounds], base[rounds], strict=True)]
             r[f"x_{key}"] = median(ratios)
             r[f"x_{key}_range"] = [min(ratios), max(ratios)]
+            r[f"x_{key}_ci"] = list(bootstrap_interval(ratios, median))
 
 
 def run(
@@ -283,11 +286,13 @@ def _cell(r: dict, key: str, fmt: str) -> str:
 
 
 def _spread(r: dict, key: str) -> str:
-    """`0.98 (0.95-1.01)`: the median ratio over rounds and its range."""
+    """`0.98 [0.96-1.00] (0.90-1.07)`: the median ratio over rounds, its 95% interval
+    and its range."""
     if f"x_{key}" not in r:
         return "n/a"
     low, high = r.get(f"x_{key}_range", (r[f"x_{key}"],) * 2)
-    return f"{r[f'x_{key}']:.2f} ({low:.2f}-{high:.2f})"
+    ci = "[{:.2f}-{:.2f}] ".format(*r[f"x_{key}_ci"]) if f"x_{key}_ci" in r else ""
+    return f"{r[f'x_{key}']:.2f} {ci}({low:.2f}-{high:.2f})"
 
 
 def _decode_cells(r: dict) -> str:
@@ -318,8 +323,8 @@ def markdown(result: dict[str, Any]) -> str:
         head,
         "",
         "| context | KV | mlx-lm | KV MiB | x 16-bit (affine limit) | generate tok/s "
-        "| x unpatched 16-bit, median (range) of rounds | step tok/s "
-        "| x unpatched 16-bit, median (range) | peak MiB |",
+        "| x unpatched 16-bit, median [95% interval] (range) of rounds | step tok/s "
+        "| x unpatched 16-bit, median [95% interval] (range) | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += _section(result["rows"], "decode", 7, _decode_cells)

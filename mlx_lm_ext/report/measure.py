@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
+import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -144,6 +145,17 @@ def no_gc() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+def bootstrap_interval(
+    items: Sequence[Any], statistic: Callable[[list[Any]], float], draws: int = 2000
+) -> tuple[float, float]:
+    """95% interval of `statistic` over `items` resampled with replacement (seeded: the
+    same data give the same interval). A median of a few noisy rounds reads as a figure;
+    its interval says whether two settings can be told apart at all."""
+    rng = random.Random(0)
+    boot = sorted(statistic([rng.choice(items) for _ in items]) for _ in range(draws))
+    return boot[int(0.025 * draws)], boot[int(0.975 * draws) - 1]
 
 
 def interleaved(measures: dict[Any, Callable[[], Any]], rounds: int) -> dict[Any, list[Any]]:
