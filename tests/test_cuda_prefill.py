@@ -126,6 +126,26 @@ def test_prompt_masks_become_additive_decode_masks_stay(fix, monkeypatch):
     assert seen[-1].dtype == mx.bool_
 
 
+def test_unfused_head_dims_keep_the_boolean_mask(fix, monkeypatch):
+    """Gemma's 256-wide heads attend unfused (in blocks): the boolean mask goes through
+    as it is, with the same output as one call on it."""
+    seen = []
+    real = mx.fast.scaled_dot_product_attention
+    monkeypatch.setattr(cuda_prefill, "SCORE_BYTES", 40 * 2 * 4 * 160 * 4)
+    monkeypatch.setattr(
+        mx.fast,
+        "scaled_dot_product_attention",
+        lambda *a, mask, **kw: seen.append(mask) or real(*a, mask=mask, **kw),
+    )
+    q, k, v = _gemma_chunk()
+    mask = mx.arange(160)[None, None, None] >= mx.array([0, 30])[:, None, None, None]
+    mask = mask & (mx.arange(64, 160)[:, None] >= mx.arange(160)[None])
+    wrapped = cuda_prefill.prefill_attention(base.scaled_dot_product_attention)
+    out = wrapped(q, k, v, None, scale=0.06, mask=mask)
+    assert len(seen) == 3 and all(m.dtype == mx.bool_ for m in seen) and not cuda_prefill._ADDITIVE
+    assert mx.allclose(out, real(q, k, v, scale=0.06, mask=mask), atol=1e-4).item()
+
+
 def test_a_chunk_mask_is_made_additive_once_for_every_layer(fix, monkeypatch):
     """Every layer gets the one additive copy of the chunk's mask; it goes with the mask."""
     seen = []

@@ -19,7 +19,9 @@ fix 2.9 and 4.6 GiB, prefilling 1.4x and 2.7x as fast.
   B x heads x chunk x context (8 GiB a layer for 4 x 2048 queries over 8K keys).
   Boolean masks of prompt chunks become additive, -inf where masked, as MLX itself
   converts them where its fused kernel takes the mask: once a chunk, not once a layer
-  (`additive_mask`), since the layers in flight would each hold a copy.
+  (`additive_mask`), since the layers in flight would each hold a copy. Where no fused
+  kernel takes the chunk (below), the boolean mask stays: an additive copy would only
+  add its bytes.
 - Nor does the fused kernel take head dims past 128 (Gemma 3's 256): one call of 8 x
   2048 queries (4 heads) over 32K keys held 4.06 GiB of scores at 256 and 0.02 at 128,
   and Gemma 3 270M's 8-prompt prefill peaked 7.3 GiB above a 1.6 GiB cache. Such a
@@ -178,12 +180,13 @@ def additive_mask(mask: mx.array, dtype: mx.Dtype) -> mx.array:
 
 def prefill_attention(attention: Callable[..., Any]) -> Callable[..., Any]:
     """mlx_lm.models.base.scaled_dot_product_attention with a prompt chunk's boolean
-    mask made additive in the queries' dtype, and a 16-bit chunk whose head dim the
-    fused kernel does not take attended in blocks."""
+    mask made additive in the queries' dtype where the fused kernel takes the chunk, and
+    a 16-bit chunk whose head dim it does not take attended in blocks."""
 
     @functools.wraps(attention)
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-        if queries.shape[-2] > 1 and isinstance(mask, mx.array) and mask.dtype == mx.bool_:
+        fused = queries.shape[-1] <= FUSED_HEAD_DIM
+        if fused and queries.shape[-2] > 1 and isinstance(mask, mx.array) and mask.dtype == mx.bool_:
             mask = additive_mask(mask, queries.dtype)
         if isinstance(keys, mx.array) and not hasattr(cache, "bits") and block_rows(queries, keys):
             return blocked_attention(queries, keys, values, scale, mask, sinks)
