@@ -12,10 +12,11 @@ of `--prefill-step-size` tokens, every request then decoding together. Each requ
 
 For each precision the request count starts at what the cache bytes predict
 (`report.memory`'s exact per-token bytes: (limit - weights) / bytes of one request at
-the context), steps down (by the excess in requests' caches, at most by half) until
-MLX's peak memory over the whole run, prefill included, stays under the limit, then
-bisects up to the most that do (`--tries` full runs at most). Reported per precision: the
-requests that fit, the peak of the prefill phase and of the decode phase apart (the
+the context), an upper bound; each later count is predicted from the runs so far
+(`next_count`), until the most requests whose peak memory over the whole run, prefill
+included, stays under the limit is bracketed by one that fits and one more that does
+not (`--tries` full runs at most; `bracketed` says whether it was). Reported per
+precision: the requests that fit, the peak of the prefill phase and of the decode phase apart (the
 peak must come from the caches, not from prefilling, or the savings never reach the
 user), and aggregate decode tok/s with every request decoding (median of the steps).
 
@@ -27,7 +28,6 @@ active memory and peak: which step sets the peak, and what it was doing.
 from __future__ import annotations
 
 import json
-import math
 import time
 from statistics import median
 from typing import Any
@@ -123,34 +123,53 @@ def serve(
     }
 
 
+def next_count(tries: list[dict[str, int]], limit: int, weights: int, per_request: int) -> int | None:
+    """The request count to run next, or None once the most that fit is bracketed.
+
+    Halving from the bytes-only prediction and bisecting took the device's 10-minute call
+    before it found Gemma's counts (prefilling 8 prompts adds GiB to a 4-GiB limit that
+    halving does not cross in 3 runs). Peaks are close to linear in the count instead:
+    with no run under the limit yet, a run's excess over weights and caches is taken as
+    an overhead every count pays (prefilling a group costs the same whatever follows);
+    with one under and one over, the count is interpolated between the nearest two.
+    """
+    fits = [t for t in tries if t["peak_bytes"] <= limit]
+    over = [t for t in tries if t["peak_bytes"] > limit]
+    best = max(fits, key=lambda t: t["requests"], default=None)
+    least_over = min(over, key=lambda t: t["requests"], default=None)
+    low = best["requests"] + 1 if best else 1
+    high = least_over["requests"] - 1 if least_over else max(1, (limit - weights) // per_request)
+    if low > high:
+        return None
+    if best and least_over:
+        n0, p0 = best["requests"], best["peak_bytes"]
+        n1, p1 = least_over["requests"], least_over["peak_bytes"]
+        guess = n0 + (limit - p0) * (n1 - n0) // (p1 - p0)
+    elif least_over:
+        overhead = max(t["peak_bytes"] - weights - t["requests"] * per_request for t in over)
+        guess = (limit - weights - overhead) // per_request
+    else:
+        guess = high  # the bytes-only bound, untried
+    return int(min(max(guess, low), high))
+
+
 def fit(
     model: Any, bits: int | None, args: Any, weights: int, per_request: int, vocab: int
 ) -> dict[str, Any]:
-    """The most requests whose whole run peaks under the limit: down from the prediction
-    (an upper bound: weights and caches alone) by the bytes a try went over until one
-    fits, then bisecting between the most that fit and the fewest that did not."""
+    """The most requests whose whole run peaks under the limit, searched by `next_count`."""
     limit = int(args.limit_gib * GIB)
-    n = max(1, (limit - weights) // per_request)
-    tries, best, fewest_over = [], None, None
-    while n >= 1 and len(tries) < args.tries:
-        row = serve(model, n, args.context, bits, args, vocab)
+    tries, rows = [], {}
+    n = next_count(tries, limit, weights, per_request)
+    while n is not None and len(tries) < args.tries:
+        rows[n] = serve(model, n, args.context, bits, args, vocab)
         tries.append(
-            {k: row[k] for k in ("requests", "peak_bytes", "prefill_peak_bytes", "decode_peak_bytes")}
+            {k: rows[n][k] for k in ("requests", "peak_bytes", "prefill_peak_bytes", "decode_peak_bytes")}
         )
-        print(json.dumps({"bits": bits, **row}), flush=True)
-        if row["peak_bytes"] <= limit:
-            best = row
-        else:
-            fewest_over = n
-        if best is None:  # down by the excess in requests' caches, at most by half
-            n = max(n // 2, n - max(1, math.ceil((row["peak_bytes"] - limit) / per_request)))
-        elif fewest_over is None:
-            break  # the prediction fit: one more request exceeds the limit by its cache alone
-        else:
-            n = (best["requests"] + fewest_over) // 2
-            if n == best["requests"]:
-                break
-    return {**best, "tries": tries} if best else {"requests": 0, "tries": tries}
+        print(json.dumps({"bits": bits, **rows[n]}), flush=True)
+        n = next_count(tries, limit, weights, per_request)
+    fitting = [r for r in rows.values() if r["peak_bytes"] <= limit]
+    best = max(fitting, key=lambda r: r["requests"], default={"requests": 0})
+    return {**best, "tries": tries, "bracketed": n is None}
 
 
 def run(model: Any, precisions: list[int | None], args: Any, vocab: int) -> list[dict[str, Any]]:
@@ -226,11 +245,12 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for r in result["rows"]:
         kv = kv_label(r["bits"])
+        count = f"{r['requests']}" + ("" if r.get("bracketed", True) else " (search cut by --tries)")
         if not r["requests"]:
-            lines.append(f"| {kv} | {r['kv_bytes_per_request'] / 2**20:.0f} MiB | 0 | | | | | |")
+            lines.append(f"| {kv} | {r['kv_bytes_per_request'] / 2**20:.0f} MiB | {count} | | | | | |")
             continue
         lines.append(
-            f"| {kv} | {r['kv_bytes_per_request'] / 2**20:.0f} MiB | {r['requests']} | "
+            f"| {kv} | {r['kv_bytes_per_request'] / 2**20:.0f} MiB | {count} | "
             f"{r.get('x_requests', 0):.2f} | "
             f"{(r['prefill_peak_bytes'] or 0) / GIB:.2f} | {r['decode_peak_bytes'] / GIB:.2f} | "
             f"{r['decode_tok_s'] or 0:.1f} | {r.get('x_decode_tok_s', 0):.2f} |"

@@ -1,0 +1,84 @@
+"""benchmarks/capacity.py's search: the most requests under a memory limit, found in few
+full runs (each one is minutes of the lent GPU) and bracketed exactly."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def capacity():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("capacity", BENCHMARKS / "capacity.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _search(capacity, peak, limit: int, weights: int, per_request: int, runs: int = 12) -> list[int]:
+    """The counts the search runs against `peak(n)`, in order."""
+    tries: list[dict[str, int]] = []
+    n = capacity.next_count(tries, limit, weights, per_request)
+    while n is not None and len(tries) < runs:
+        tries.append({"requests": n, "peak_bytes": peak(n)})
+        n = capacity.next_count(tries, limit, weights, per_request)
+    assert n is None, tries  # bracketed within `runs`
+    return [t["requests"] for t in tries]
+
+
+def _most(peak, limit: int) -> int:
+    return max(n for n in range(1, 10_000) if peak(n) <= limit)
+
+
+MIB = 2**20
+CASES = {
+    # Gemma 3 270M at 4 bits under 4 GiB: 0.81 GiB of weights, 29 MiB a request, and
+    # prefilling 8 prompts ~2.7 GiB over whatever the count (halving ran 112, 56, 28).
+    "fixed overhead": (
+        lambda n: int(0.81 * GIB + n * 29 * MIB + 2.7 * GIB),
+        4 * GIB,
+        int(0.81 * GIB),
+        29 * MIB,
+    ),
+    # 16-bit batched decode materializes scores: an overhead growing with the count.
+    "growing overhead": (
+        lambda n: int(0.81 * GIB + n * 104 * MIB + 1.5 * GIB + n * 21 * MIB),
+        8 * GIB,
+        int(0.81 * GIB),
+        104 * MIB,
+    ),
+    # Llama-3.1-8B shape at 16 bits under 80 GiB: 4 GiB a request, 5.6 GiB of prefill.
+    "large requests": (lambda n: int(15 * GIB + n * 4 * GIB + 5.6 * GIB), 80 * GIB, 15 * GIB, 4 * GIB),
+    # A prefill group (8 prompts) at a time: steps in the peak every 8 requests.
+    "steps": (lambda n: int(GIB + n * 50 * MIB + ((n + 7) // 8) * 120 * MIB), 6 * GIB, GIB, 50 * MIB),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_search_brackets_the_most_that_fit_in_few_runs(capacity, case):
+    peak, limit, weights, per_request = CASES[case]
+    runs = _search(capacity, peak, limit, weights, per_request)
+    most = _most(peak, limit)
+    assert most in runs and most + 1 in runs  # one that fits, one more that does not
+    assert len(runs) <= 5, runs
+
+
+def test_the_bytes_only_bound_fitting_needs_no_second_run(capacity):
+    """Weights and caches alone bound the count: if it fits, one more cannot."""
+    runs = _search(capacity, lambda n: GIB + n * MIB, 2 * GIB, GIB, MIB)
+    assert runs == [1024]
+
+
+def test_nothing_fits_ends_at_one_request(capacity):
+    runs = _search(capacity, lambda n: 5 * GIB + n * MIB, 4 * GIB, GIB, MIB)
+    assert runs[-1] == 1 and len(runs) <= 2
