@@ -123,7 +123,7 @@ def serve(
     }
 
 
-def next_count(tries: list[dict[str, int]], limit: int, weights: int, per_request: int) -> int | None:
+def next_count(tries: list[dict[str, Any]], limit: int, weights: int, per_request: int) -> int | None:
     """The request count to run next, or None once the most that fit is bracketed.
 
     Halving from the bytes-only prediction and bisecting took the device's 10-minute call
@@ -158,18 +158,16 @@ def fit(
 ) -> dict[str, Any]:
     """The most requests whose whole run peaks under the limit, searched by `next_count`."""
     limit = int(args.limit_gib * GIB)
-    tries, rows = [], {}
-    n = next_count(tries, limit, weights, per_request)
-    while n is not None and len(tries) < args.tries:
-        rows[n] = serve(model, n, args.context, bits, args, vocab)
-        tries.append(
-            {k: rows[n][k] for k in ("requests", "peak_bytes", "prefill_peak_bytes", "decode_peak_bytes")}
-        )
-        print(json.dumps({"bits": bits, **rows[n]}), flush=True)
-        n = next_count(tries, limit, weights, per_request)
-    fitting = [r for r in rows.values() if r["peak_bytes"] <= limit]
-    best = max(fitting, key=lambda r: r["requests"], default={"requests": 0})
-    return {**best, "tries": tries, "bracketed": n is None}
+    runs: list[dict[str, Any]] = []
+    n = next_count(runs, limit, weights, per_request)
+    while n is not None and len(runs) < args.tries:
+        runs.append(serve(model, n, args.context, bits, args, vocab))
+        print(json.dumps({"bits": bits, **runs[-1]}), flush=True)
+        n = next_count(runs, limit, weights, per_request)
+    best = max((r for r in runs if r["peak_bytes"] <= limit), key=lambda r: r["requests"], default={})
+    keys = ("requests", "peak_bytes", "prefill_peak_bytes", "decode_peak_bytes")
+    tries = [{k: r[k] for k in keys} for r in runs]
+    return {"requests": 0, **best, "tries": tries, "bracketed": n is None}
 
 
 def run(model: Any, precisions: list[int | None], args: Any, vocab: int) -> list[dict[str, Any]]:
