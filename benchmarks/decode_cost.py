@@ -17,7 +17,9 @@ two parts, per setting, on a cache filled to the context as kv_speed.py fills it
   `--launches` times in one evaluation, so issuing overlaps the kernels and the time per
   launch is the device's, for the fused 16-bit kernel and the flash kernel under each
   launch plan of `--plans` (blocks a step aims for, rows a lane loads before computing,
-  warps a block), as cache bytes read per second.
+  warps a block, scores on tensor cores or not), as cache bytes read per second.
+  `--kernel-batch` requests a launch (default 1) make its device time exceed the ~55 us
+  it takes to issue one, which a single request's 16-bit kernel does not.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def step_times(model: Any, cache: list[Any], steps: int) -> tuple[list[float], l
 
 def _with(bits, fn):
     """fn() under the setting's delivery: unpatched 16-bit, patched quantized."""
-    _delivery(bits is not None, _settings(bits))
+    _delivery(bits is not None, _settings(bits), bits)
     try:
         return fn()
     finally:
@@ -136,10 +138,10 @@ def _launch_ms(fn, launches: int, rounds: int = 5) -> float:
 
 
 def _layer(context: int, bits: int, shape: tuple[int, int, int, int]) -> dict[str, Any]:
-    q_heads, kv_heads, dim, _ = shape
-    k = mx.random.normal((1, kv_heads, context, dim)).astype(mx.bfloat16)
-    v = mx.random.normal((1, kv_heads, context, dim)).astype(mx.bfloat16)
-    q = mx.random.normal((1, q_heads, 1, dim)).astype(mx.bfloat16)
+    q_heads, kv_heads, dim, batch = shape
+    k = mx.random.normal((batch, kv_heads, context, dim)).astype(mx.bfloat16)
+    v = mx.random.normal((batch, kv_heads, context, dim)).astype(mx.bfloat16)
+    q = mx.random.normal((batch, q_heads, 1, dim)).astype(mx.bfloat16)
     qk, qv = mx.quantize(k, GROUP, bits), mx.quantize(v, GROUP, bits)
     mx.eval(k, v, q, qk, qv)
     return {"k": k, "v": v, "q": q, "qk": qk, "qv": qv}
@@ -149,8 +151,9 @@ def _nbytes(arrays) -> int:
     return sum(a.nbytes for a in arrays)
 
 
-def _set_plan(blocks: int, unroll: int, warps: int) -> None:
+def _set_plan(blocks: int, unroll: int, warps: int, mma: int = 1) -> None:
     plan.FLASH_BLOCKS, plan.FLASH_UNROLL, plan.FLASH_BLOCK_WARPS = blocks, unroll, warps
+    plan.FLASH_MMA = bool(mma)
     plan._plan.cache_clear()
     launch._flash_call.cache_clear()
     launch._flash_kernel.cache_clear()
@@ -160,7 +163,7 @@ def kernel_rows(context: int, precisions: list[int], plans: list[tuple], launche
     """Device time a launch: the fused 16-bit kernel, then the flash kernel per plan."""
     scale = shape[2] ** -0.5
     rows = []
-    default = (plan.FLASH_BLOCKS, plan.FLASH_UNROLL, plan.FLASH_BLOCK_WARPS)
+    default = (plan.FLASH_BLOCKS, plan.FLASH_UNROLL, plan.FLASH_BLOCK_WARPS, int(plan.FLASH_MMA))
     for bits in precisions:
         t = _layer(context, bits, shape)
         fused = _launch_ms(
@@ -181,8 +184,8 @@ def kernel_rows(context: int, precisions: list[int], plans: list[tuple], launche
             }
         )
         qbytes = _nbytes([*t["qk"], *t["qv"]])
-        for blocks, unroll, warps in plans:
-            _set_plan(blocks, unroll, warps)
+        for flash_plan in plans:
+            _set_plan(*flash_plan)
 
             def flash(o, t=t, bits=bits):
                 queries = t["q"] if o is None else o
@@ -196,7 +199,7 @@ def kernel_rows(context: int, precisions: list[int], plans: list[tuple], launche
                         "kind": "kernel",
                         "context": context,
                         "bits": bits,
-                        "plan": [blocks, unroll, warps],
+                        "plan": list(flash_plan),
                         "error": str(e)[:160],
                     }
                 )
@@ -206,7 +209,7 @@ def kernel_rows(context: int, precisions: list[int], plans: list[tuple], launche
                     "kind": "kernel",
                     "context": context,
                     "bits": bits,
-                    "plan": [blocks, unroll, warps],
+                    "plan": list(flash_plan),
                     "ms": ms,
                     "GB_s": qbytes / ms / 1e6,
                     "x_fused_time": ms / fused,
@@ -217,9 +220,12 @@ def kernel_rows(context: int, precisions: list[int], plans: list[tuple], launche
     return rows
 
 
-def _plan_arg(text: str) -> tuple[int, int, int]:
-    blocks, unroll, warps = (int(x) for x in text.split(","))
-    return blocks, unroll, warps
+def _plan_arg(text: str) -> tuple[int, ...]:
+    """'blocks,unroll,warps[,mma]': mma 1 (the default) scores on tensor cores, 0 on CUDA cores."""
+    values = tuple(int(x) for x in text.split(","))
+    if len(values) not in (3, 4):
+        raise ValueError(f"a plan is blocks,unroll,warps[,mma], not {text!r}")
+    return values if len(values) == 4 else (*values, 1)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -245,7 +251,7 @@ def markdown(result: dict[str, Any]) -> str:
     if kernel:
         lines += [
             "",
-            "| context | bits | plan (blocks, unroll, warps) | us a launch | GB/s | x fused time |",
+            "| context | bits | plan (blocks, unroll, warps, mma) | us a launch | GB/s | x fused time |",
             "|---|---|---|---|---|---|",
         ]
         for r in kernel:
@@ -272,8 +278,10 @@ def main(argv: list[str] | None = None) -> None:
         type=_plan_arg,
         nargs="*",
         default=None,
-        help="flash launch plans 'blocks,unroll,warps' (default: the shipped one and a grid around it)",
+        help="flash launch plans 'blocks,unroll,warps[,mma]' (default: the shipped one, CUDA-core "
+        "scores, and a grid around it)",
     )
+    parser.add_argument("--kernel-batch", type=int, default=1, help="requests a kernel launch serves")
     args = parser.parse_args(argv)
     name, model = load_model(args.model, args.config)
     rows = []
@@ -281,19 +289,20 @@ def main(argv: list[str] | None = None) -> None:
         rows += step_rows(model, context, args.bits, args.steps, args.rounds)
         mx.clear_cache()
     if kernels.available():
-        shipped = (plan.FLASH_BLOCKS, plan.FLASH_UNROLL, plan.FLASH_BLOCK_WARPS)
-        grid = list(itertools.product((264, 528, 1056), (2, 4, 8), (4, 8)))
+        shipped = (plan.FLASH_BLOCKS, plan.FLASH_UNROLL, plan.FLASH_BLOCK_WARPS, 1)
+        grid = [(*p, mma) for p in itertools.product((264, 528, 1056), (2, 4, 8), (4, 8)) for mma in (1, 0)]
         plans = args.plans if args.plans is not None else [shipped, *(p for p in grid if p != shipped)]
         args_ = model.args
         shape = (
             args_.num_attention_heads,
             args_.num_key_value_heads,
             getattr(args_, "head_dim", None) or args_.hidden_size // args_.num_attention_heads,
-            0,
+            args.kernel_batch,
         )
         for context in args.contexts:
             rows += kernel_rows(context, args.bits, plans, args.launches, shape)
-    emit({**header(name), "steps": args.steps, "launches": args.launches, "rows": rows}, args.json, markdown)
+    result = {**header(name), "steps": args.steps, "launches": args.launches}
+    emit({**result, "kernel_batch": args.kernel_batch, "rows": rows}, args.json, markdown)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import mlx.core as mx
 from results_io import emit, header, title
 
 import mlx_lm_ext
+from mlx_lm_ext.kernels import launch, plan
 from mlx_lm_ext.report.measure import (
     bootstrap_interval,
     decode_rate,
@@ -80,18 +81,20 @@ def vocab_size(model: Any) -> int:
 
 ROTATE = {"rot": "keys", "rot-kv": "all"}
 KEEP_SLIDING = "keep-sliding"  # sliding-window layers stay 16-bit (--keep-sliding-kv)
+CUDA_CORES = "cuda-cores"  # the flash kernel scores on CUDA cores, not tensor cores: a comparison
 
 
 def precision(text: str) -> int | str:
     """A --bits item: `8` (int), or a format string: `K8V4` (key and value bits apart),
-    `4+rot` (keys rotated), `4+rot-kv` (keys and values), `K8V4+rot`, `8+keep-sliding`."""
+    `4+rot` (keys rotated), `4+rot-kv` (keys and values), `K8V4+rot`, `8+keep-sliding`,
+    `8+cuda-cores` (the flash kernel's scores off tensor cores)."""
     if text.isdigit():
         return int(text)
     try:
         _widths(text)
     except (ValueError, IndexError, KeyError):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: bits, K<k>V<v>, each with optional +rot or +rot-kv and +keep-sliding"
+            f"{text!r}: bits, K<k>V<v>, each with optional +rot or +rot-kv, +keep-sliding, +cuda-cores"
         ) from None
     return text
 
@@ -103,7 +106,7 @@ def _widths(bits: int | str) -> tuple[int, int, str | None, bool]:
     widths, *options = bits.split("+")
     w = parse_widths(widths)[0]
     key, value = (w, w) if isinstance(w, int) else w
-    rotate = [ROTATE[o] for o in options if o != KEEP_SLIDING]
+    rotate = [ROTATE[o] for o in options if o not in (KEEP_SLIDING, CUDA_CORES)]
     if len(rotate) > 1:
         raise ValueError(bits)
     return key, value, rotate[0] if rotate else None, KEEP_SLIDING in options
@@ -136,7 +139,13 @@ def _deliveries(bits: int | str | None) -> tuple[bool, ...]:
     return (False, True) if bits is None or isinstance(bits, int) else (True,)
 
 
-def _delivery(patched: bool, settings: KVSettings) -> None:
+def _delivery(patched: bool, settings: KVSettings, bits: int | str | None = None) -> None:
+    """Patched or not; `bits` with +cuda-cores: the flash kernel without tensor cores."""
+    tensor_cores = not isinstance(bits, str) or CUDA_CORES not in bits.split("+")
+    if plan.FLASH_MMA != tensor_cores:  # kernels made for the other choice are dropped
+        plan.FLASH_MMA = tensor_cores
+        launch._flash_call.cache_clear()
+        launch._flash_kernel.cache_clear()
     if patched:
         mlx_lm_ext.apply(settings)
     else:
@@ -161,7 +170,7 @@ def _filled(model: Any, context: int, bits: int | None, patched: bool, others: i
     caches held meanwhile for the interleaved rounds."""
 
     def fill() -> dict[str, Any]:
-        _delivery(patched, _settings(bits))
+        _delivery(patched, _settings(bits), bits)
         cache = filled_cache(model, context, _settings(bits))
         nbytes = cache_nbytes(cache)  # at `context` tokens, before decoding grows it
         generation_rate(model, cache, 4)
@@ -171,7 +180,7 @@ def _filled(model: Any, context: int, bits: int | None, patched: bool, others: i
 
 
 def _rates(model: Any, cache: list[Any], bits: int | None, patched: bool, steps: int) -> tuple[float, float]:
-    _delivery(patched, _settings(bits))
+    _delivery(patched, _settings(bits), bits)
     try:
         return generation_rate(model, cache, steps), decode_rate(model, cache, steps)
     finally:
@@ -203,7 +212,7 @@ def prefill_row(model: Any, tokens: int, bits: int | None, patched: bool) -> dic
     ids = [(i * 7919) % 1000 + 5 for i in range(tokens)]
 
     def measure() -> dict[str, Any]:
-        _delivery(patched, _settings(bits))
+        _delivery(patched, _settings(bits), bits)
         prefill(model, ids, _settings(bits), step=2048)  # warm-up: JIT-compiled kernels, allocator
         tic = time.perf_counter()
         prefill(model, ids, _settings(bits), step=2048)

@@ -191,3 +191,35 @@ def test_flash_kernel_reads_keys_and_values_at_their_widths(bits, value_bits, n_
     got = quantized_attention(q, ops, dim**-0.5, None, None, kernels_on=True)
     want = _reference(q, qk, qv, dim**-0.5, None, None, 64, bits, length, value_bits=value_bits)
     assert mx.abs(got - want).max().item() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+@pytest.mark.parametrize(
+    "bits,dim,group,n_q,n_kv",
+    [(8, 128, 64, 32, 8), (4, 128, 32, 32, 8), (2, 128, 64, 8, 8), (8, 256, 128, 4, 1), (4, 64, 64, 16, 2)],
+)
+def test_tensor_core_scores_equal_the_cuda_core_pass(dtype, bits, dim, group, n_q, n_kv, monkeypatch):
+    """Scores on tensor cores (f16 products of the keys' integers and the queries, float32
+    sums; float32 queries in two f16 parts) and on CUDA cores both equal exact attention,
+    for queries in each dtype, a buffer longer than the valid rows and a partial last tile."""
+    from mlx_lm_ext.kernels import launch, plan
+
+    mx.random.seed(bits + dim + n_q)
+    length = 3001
+    qk, qv = (
+        tuple(mx.quantize(mx.random.normal((2, n_kv, length + 60, dim)), group, bits)) for _ in range(2)
+    )
+    q = (mx.random.normal((2, n_q, 1, dim)) * 3).astype(dtype)
+    assert kernels.flash_tensor_cores(n_q // n_kv, dim, bits, group)
+    want = _reference(q.astype(mx.float32), qk, qv, dim**-0.5, None, None, group, bits, length)
+    tolerance = 1e-4 if dtype == mx.float32 else 1e-2  # the output's rounding
+    got = {}
+    for mma in (True, False):
+        monkeypatch.setattr(plan, "FLASH_MMA", mma)
+        launch._flash_call.cache_clear()
+        launch._flash_kernel.cache_clear()
+        got[mma] = kernels.flash_decode(q, qk, qv, dim**-0.5, group, bits, length).astype(mx.float32)
+        assert mx.abs(got[mma] - want).max().item() < tolerance, mma
+    launch._flash_call.cache_clear()
+    launch._flash_kernel.cache_clear()
+    assert mx.abs(got[True] - got[False]).max().item() < tolerance

@@ -122,6 +122,41 @@ def test_flash_split_keeps_lanes_whole_words_and_registers_bounded(rows, dim, bi
 
 
 @pytest.mark.parametrize(
+    "rows,dim,bits,group,tensor_cores",
+    [
+        (4, 128, 8, 64, True),  # Llama 3: 32 query heads on 8 KV heads x 128
+        (4, 256, 8, 128, True),  # Gemma 3 270M's global layers
+        (8, 128, 4, 32, True),  # a 4-word group: one 16-byte load a lane
+        (1, 64, 2, 64, True),  # a lane's share of a row is one word
+        (16, 128, 8, 64, False),  # 16 query rows: past one tile's 8 columns
+        (4, 128, 2, 32, False),  # 2-word groups: 4 lanes' loads would straddle them
+        (4, 128, 6, 64, False),
+        (4, 72, 8, 8, False),  # 72 dims: not k-steps of 16
+    ],
+)
+def test_tensor_cores_take_shapes_their_tiles_and_groups_fit(rows, dim, bits, group, tensor_cores):
+    """Which shapes the flash kernel scores on tensor cores (pure arithmetic: runs everywhere)."""
+    assert kernels.flash_tensor_cores(rows, dim, bits, group) is tensor_cores
+
+
+@pytest.mark.parametrize(
+    "dim,bits,group,tensor_cores",
+    [
+        (128, 8, 64, True),  # a lane's 8 dims of a group: 2 words
+        (128, 4, 64, True),  # 1 word
+        (256, 8, 128, True),  # 4 words (Gemma 3 270M's global layers)
+        (128, 4, 32, False),  # half a word
+        (128, 2, 64, False),
+        (256, 8, 256, False),  # 8 words: past one 16-byte load
+        (128, 6, 64, False),
+    ],
+)
+def test_tensor_cores_take_values_whose_group_is_whole_words_a_lane(dim, bits, group, tensor_cores):
+    """Which value formats the flash kernel sums on tensor cores (pure arithmetic)."""
+    assert kernels.flash_tensor_core_values(dim, bits, group) is tensor_cores
+
+
+@pytest.mark.parametrize(
     "rows,bits,value_bits,per_lane",
     [
         (4, 8, 4, 16),  # K8V4: both halves pack whole words at 16 dims a lane
@@ -277,3 +312,12 @@ def test_attention_error_to_the_unquantized_answer_is_at_most_upstreams(bits, L)
         err_ours += mx.abs(ours.astype(mx.float32) - truth).mean().item()
         err_theirs += mx.abs(theirs.astype(mx.float32) - truth).mean().item()
     assert err_ours <= TRUE_ERROR_RATIO[bits] * err_theirs, (err_ours / err_theirs, err_ours, err_theirs)
+
+
+def test_kernel_sources_travel_without_comments_or_indentation():
+    """MLX rebuilds and hashes a custom kernel's source at every call: the shipped one is
+    minified, its preprocessor lines still on lines of their own."""
+    text = "    // a comment\n#if X\n    int a = 1;  // trailing\n\n#endif\n"
+    assert kernels.plan.minify(text) == "#if X\nint a = 1;\n#endif\n"
+    body = kernels.plan.source("flash.cu")
+    assert "//" not in body and "\n    " not in body and "mma_f16" in body

@@ -6,7 +6,16 @@
 """
 
 from .launch import TailRows, available, exact_attention, flash_decode, scores, weighted_sum
-from .plan import FLASH_SMEM, flash_plan, flash_source, flash_split, kernel_name, supports
+from .plan import (
+    FLASH_SMEM,
+    flash_plan,
+    flash_source,
+    flash_split,
+    flash_tensor_core_values,
+    flash_tensor_cores,
+    kernel_name,
+    supports,
+)
 
 __all__ = [
     "FLASH_SMEM",
@@ -17,6 +26,8 @@ __all__ = [
     "flash_plan",
     "flash_source",
     "flash_split",
+    "flash_tensor_core_values",
+    "flash_tensor_cores",
     "kernel_name",
     "scores",
     "supports",

@@ -68,3 +68,75 @@ __device__ __forceinline__ void dequantize_row(
         v[i] = packed<BITS>(w[row * WPR + (e * BITS) / 32], e % (32 / BITS)) * sc + bi;
     }
 }
+
+// Tensor-core scores (flash.cu's TC path): a key tile of 16 rows times the queries, as
+// mma.sync m16n8k16 with f16 operands and float32 sums. Integers 0..255 and bf16 or f16
+// queries are exact in f16 (within its range), so the products are exact; only the sums'
+// order differs from the scalar path.
+
+// Two of a packed word's values as f16 (their integers exactly): pair p holds values
+// (2p, 2p + 1) of an 8-bit word, (p, p + 32 / BITS / 2) otherwise. The integers are
+// placed in the mantissa of 1024 (0x6400), which is then subtracted: exact.
+template <int BITS>
+__device__ __forceinline__ unsigned int pair_f16(unsigned int w, int p) {
+    unsigned int h;
+    if (BITS == 8) {
+        h = __byte_perm(w, 0x64646464u, p == 0 ? 0x4140 : 0x4342);
+    } else {
+        constexpr unsigned int M = ((1u << BITS) - 1u) * 0x00010001u;
+        h = ((w >> (p * BITS)) & M) | 0x64006400u;
+    }
+    unsigned int r;
+    asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(h), "r"(0x64006400u));
+    return r;
+}
+
+// The values pair `p` of a word holds, as offsets into the word's 32 / BITS values.
+template <int BITS>
+__device__ __forceinline__ int2 pair_offsets(int p) {
+    constexpr int E = 32 / BITS;
+    return BITS == 8 ? make_int2(2 * p, 2 * p + 1) : make_int2(p, p + E / 2);
+}
+
+// Two floats as an f16 pair in one register (the first in the low half), and their
+// rounding residuals (for float32 queries, a second product recovers them).
+__device__ __forceinline__ unsigned int f16_pair(float a, float b, unsigned int* residual) {
+    const __half2 h = __floats2half2_rn(a, b);
+    const __half2 r = __floats2half2_rn(a - __low2float(h), b - __high2float(h));
+    *residual = *reinterpret_cast<const unsigned int*>(&r);
+    return *reinterpret_cast<const unsigned int*>(&h);
+}
+
+// c += a·b, one m16n8k16 tile (row-major A, column-major B, f16 in, float32 sums).
+__device__ __forceinline__ void mma_f16(float (&c)[4], const unsigned int (&a)[4], unsigned int b0, unsigned int b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();  // plan.flash_tensor_cores asks for sm_80 or later
+#endif
+}
+
+// The same value (index e, and e + 1) of two rows' packed words, as two f16 pairs: `lo`
+// holds value e of row A then of row B, `hi` value e + 1 of each (e even: both in one byte
+// below 8 bits, adjacent bytes at 8). Exact, as in pair_f16.
+template <int BITS>
+__device__ __forceinline__ void rows_pair_f16(unsigned int A, unsigned int B, int e, unsigned int& lo, unsigned int& hi) {
+    unsigned int l, h;
+    if (BITS == 8) {
+        const unsigned int t = __byte_perm(A, B, e | ((4 + e) << 4) | ((e + 1) << 8) | ((5 + e) << 12));
+        l = __byte_perm(t, 0x64646464u, 0x4140);
+        h = __byte_perm(t, 0x64646464u, 0x4342);
+    } else {
+        constexpr unsigned int M = ((1u << BITS) - 1u) * 0x00010001u;
+        const int k = e * BITS / 8;
+        const int s = e * BITS % 8;
+        const unsigned int t = __byte_perm(A, B, k | ((4 + k) << 8));
+        l = ((t >> s) & M) | 0x64006400u;
+        h = ((t >> (s + BITS)) & M) | 0x64006400u;
+    }
+    asm("sub.f16x2 %0, %1, %2;" : "=r"(lo) : "r"(l), "r"(0x64006400u));
+    asm("sub.f16x2 %0, %1, %2;" : "=r"(hi) : "r"(h), "r"(0x64006400u));
+}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from importlib import resources
 
 MAX_ACCUMULATORS = 32  # query rows x dims per lane held in registers (and shared memory)
@@ -23,6 +24,7 @@ FLASH_REGISTERS = 64  # query rows x dims per lane: the queries, then the output
 FLASH_BLOCK_WARPS = 8  # warps a block, merged in shared memory
 FLASH_SMEM = 8192  # floats of shared memory a block: a chunk's scores, then partial sums
 FLASH_UNROLL = 4  # rows each lane loads before computing on any
+FLASH_MMA = True  # scores on tensor cores where the shape allows (flash_tensor_cores)
 PACKED_WHOLE = {2, 4, 8}  # widths whose values never straddle a 32-bit word
 
 _BODY_MARK = "// -- compiled from here (the lines above are not part of the kernel source) --\n"
@@ -31,9 +33,19 @@ CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "floa
 
 @functools.cache
 def source(file: str) -> str:
-    """The compiled part of a kernel file (below its marker line), as shipped in the package."""
+    """The compiled part of a kernel file (below its marker line), as shipped in the package,
+    without comments and indentation: MLX's CUDA backend rebuilds a custom kernel's whole
+    source into a string at every call (a graph node a layer a decode step) and hashes it at
+    every launch, so its length is host time paid per layer."""
     text = resources.files(__package__).joinpath(file).read_text(encoding="utf-8")
-    return text.split(_BODY_MARK, 1)[1]
+    return minify(text.split(_BODY_MARK, 1)[1])
+
+
+def minify(text: str) -> str:
+    """CUDA source without // comments, indentation or blank lines (the kernels hold no
+    string literals, so a // always starts a comment)."""
+    lines = (re.sub(r"//.*", "", line).strip() for line in text.splitlines())
+    return "".join(line + "\n" for line in lines if line)
 
 
 def header() -> str:
@@ -73,6 +85,36 @@ def supports(rows: int, dim: int, bits: int, group_size: int, value_bits: int | 
         and dim % 32 == 0
         and group_size % max(dim // 32, 1) == 0
         and rows * (dim // 32) <= MAX_ACCUMULATORS
+    )
+
+
+def flash_tensor_cores(rows: int, dim: int, bits: int, group_size: int) -> bool:
+    """Whether `flash` scores on tensor cores (on sm_80 and later; elsewhere the kernel
+    keeps its CUDA-core pass): up to 8 query rows a KV head (one m16n8k16 tile's columns),
+    dims in k-steps of 16, and 4 lanes a key row whose vector loads each stay inside one
+    quantization group (a group of at least 4 words: group x bits >= 128)."""
+    return (
+        FLASH_MMA
+        and rows <= 8
+        and dim % 16 == 0
+        and bits in PACKED_WHOLE
+        and group_size * bits >= 128
+        and dim * bits >= 128
+        and dim % group_size == 0
+    )
+
+
+def flash_tensor_core_values(dim: int, value_bits: int, group_size: int) -> bool:
+    """Whether `flash` sums the weighted values on tensor cores too (with its scores there):
+    each of 8 lanes takes a value group's dims in 1 to 4 whole words (group x bits in
+    256..1024), in m16 tiles of 16 dims."""
+    return (
+        FLASH_MMA
+        and dim % 16 == 0
+        and value_bits in PACKED_WHOLE
+        and 256 <= group_size * value_bits <= 1024
+        and group_size % 16 == 0
+        and dim % group_size == 0
     )
 
 
