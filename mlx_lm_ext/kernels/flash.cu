@@ -1,10 +1,10 @@
 // Body of `flash`: one-launch flash decoding over a quantized cache (see plan.py).
 // Its constants (R, D, BITS (keys), VBITS (values), GS, VPL, WARPS, SMEM, U, SCALE, MMA, HAS_*, OutT) are
 // written before it by plan.flash_source; MLX's cuda_kernel wraps it in a __global__ function.
-// Pass 1 (scores) runs on tensor cores where MMA is set and the GPU has them (sm_80+):
-// one m16n8k16 product a 16-row key tile a k-step, in place of R FMAs and a dequantize per
-// key value and a shuffle reduction per row on CUDA cores, where the kernel spent its time
-// (8-bit and 4-bit took the same 80 us a layer at 32K on the H200: not bandwidth).
+// Both passes run on tensor cores where MMA (keys) and MMA_V (values) are set and the GPU
+// has them (sm_80+): one m16n8k16 product a 16-row tile a k-step, in place of R FMAs and
+// a dequantize per cache value and a shuffle reduction per row on CUDA cores, where the
+// kernel spent its time (8-bit and 4-bit took the same 80 us a layer at 32K on the H200).
 // -- compiled from here (the lines above are not part of the kernel source) --
     constexpr int LPR = D / VPL;
     constexpr int TS = 32 / LPR;
