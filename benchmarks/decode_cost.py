@@ -154,9 +154,7 @@ def _nbytes(arrays) -> int:
 def _set_plan(blocks: int, unroll: int, warps: int, mma: int = 1) -> None:
     plan.FLASH_BLOCKS, plan.FLASH_UNROLL, plan.FLASH_BLOCK_WARPS = blocks, unroll, warps
     plan.FLASH_MMA = bool(mma)
-    plan._plan.cache_clear()
-    launch._flash_call.cache_clear()
-    launch._flash_kernel.cache_clear()
+    launch.forget_plans()
 
 
 def kernel_rows(context: int, precisions: list[int], plans: list[tuple], launches: int, shape) -> list[dict]:

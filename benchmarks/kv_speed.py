@@ -144,8 +144,7 @@ def _delivery(patched: bool, settings: KVSettings, bits: int | str | None = None
     tensor_cores = not isinstance(bits, str) or CUDA_CORES not in bits.split("+")
     if plan.FLASH_MMA != tensor_cores:  # kernels made for the other choice are dropped
         plan.FLASH_MMA = tensor_cores
-        launch._flash_call.cache_clear()
-        launch._flash_kernel.cache_clear()
+        launch.forget_plans()
     if patched:
         mlx_lm_ext.apply(settings)
     else:

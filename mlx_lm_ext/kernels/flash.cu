@@ -1,6 +1,6 @@
 // Body of `flash`: one-launch flash decoding over a quantized cache (see plan.py).
-// Its constants (R, D, BITS (keys), VBITS (values), GS, VPL, WARPS, SMEM, U, SCALE, MMA, HAS_*, OutT) are
-// written before it by plan.flash_source; MLX's cuda_kernel wraps it in a __global__ function.
+// Its constants (R, D, BITS (keys), VBITS (values), GS, VPL, WARPS, SMEM, U, SCALE, MMA, MMA_V, HAS_*,
+// OutT) are written before it by plan.flash_source; MLX's cuda_kernel wraps it in a __global__ function.
 // Both passes run on tensor cores where MMA (keys) and MMA_V (values) are set and the GPU
 // has them (sm_80+): one m16n8k16 product a 16-row tile a k-step, in place of R FMAs and
 // a dequantize per cache value and a shuffle reduction per row on CUDA cores, where the
@@ -62,6 +62,9 @@
     // 1 to 4 whole words.
     constexpr bool TCV = TC && MMA_V && GS * VBITS >= 256 && GS * VBITS <= 1024 && GS % 16 == 0;
     constexpr int NG = D / GS;  // quantization groups a row
+    const int g8 = lane >> 2;  // tensor-core passes: the lane's row of an m16n8 fragment...
+    const int t4 = lane & 3;  // ... and its column pair
+    const int tiles = (rows + 15) / 16;  // ... and the chunk's 16-row tiles
     __shared__ float qs[TC ? R * NG : 1];  // TC: each query row's sum over each group
     __shared__ float vmax[TCV ? NG : 1];  // TCV: the chunk's largest |value scale| a group
     __shared__ float bsum[TCV ? R * NG : 1];  // TCV: sum over the chunk of p x value bias
@@ -133,8 +136,6 @@
             constexpr int KS = D / 16;
             constexpr int UT = 2;  // tiles a warp loads before computing on any
             constexpr bool QF32 = sizeof(q[0]) == 4;  // float32 queries: a second product for their residuals
-            const int g8 = lane >> 2;
-            const int t4 = lane & 3;
             unsigned int qb[KS][2];
             unsigned int qr_[QF32 ? KS : 1][2];
             {
@@ -160,7 +161,6 @@
             const unsigned int* k_row = kw + at(kw_strides, b, h, t_q);
             const auto* ks_row = ks + at(ks_strides, b, h, t_q);
             const auto* kb_row = kb + at(kb_strides, b, h, t_q);
-            const int tiles = (rows + 15) / 16;
             const auto* vs_row = vs + at(vs_strides, b, h, t_q);
             float vm[NG];
             #pragma unroll
@@ -297,15 +297,12 @@
         constexpr int EV = 32 / VBITS;
         constexpr int CW = TCV ? GS * VBITS / 256 : 1;  // words of a lane's dims in a group
         constexpr int MT = GS / 16;  // m16 tiles a group
-        const int g8 = lane >> 2;
-        const int t4 = lane & 3;
         const unsigned int* v_row = vw + at(vw_strides, b, h, t_q) + g8 * CW;
         const auto* vs_row = vs + at(vs_strides, b, h, t_q);
         const auto* vb_row = vb + at(vb_strides, b, h, t_q);
         float inv[NG];
         #pragma unroll
         for (int G = 0; G < NG; ++G) inv[G] = vmax[G] > 0.f ? 1.f / vmax[G] : 0.f;
-        const int tiles = (rows + 15) / 16;
         for (int tile = wib; tile < tiles; tile += WARPS) {
             unsigned int w[4][NG][CW];
             float p[4], sv[4][NG], bv[4][NG];

@@ -137,6 +137,14 @@ def flash_decode(
     return out
 
 
+def forget_plans() -> None:
+    """Drop every remembered launch plan and flash kernel: after plan's constants change
+    (a benchmark's or a test's comparison), the next call makes them from the new ones."""
+    plan._plan.cache_clear()
+    _flash_call.cache_clear()
+    _flash_kernel.cache_clear()
+
+
 @functools.lru_cache(maxsize=256)
 def _flash_call(q_shape, dtype, B, H, widths, group_size, length, scale, flags) -> tuple:
     """The kernel for a shape and its call's arguments but the inputs, made once: a decode

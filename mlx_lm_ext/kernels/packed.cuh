@@ -74,6 +74,14 @@ __device__ __forceinline__ void dequantize_row(
 // queries are exact in f16 (within its range), so the products are exact; only the sums'
 // order differs from the scalar path.
 
+// An f16 pair holding 1024 + n in each half (n < 1024 in the mantissa) as the pair of n:
+// exact, one instruction.
+__device__ __forceinline__ unsigned int sub_1024(unsigned int h) {
+    unsigned int r;
+    asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(h), "r"(0x64006400u));
+    return r;
+}
+
 // Two of a packed word's values as f16 (their integers exactly): pair p holds values
 // (2p, 2p + 1) of an 8-bit word, (p, p + 32 / BITS / 2) otherwise. The integers are
 // placed in the mantissa of 1024 (0x6400), which is then subtracted: exact.
@@ -86,9 +94,7 @@ __device__ __forceinline__ unsigned int pair_f16(unsigned int w, int p) {
         constexpr unsigned int M = ((1u << BITS) - 1u) * 0x00010001u;
         h = ((w >> (p * BITS)) & M) | 0x64006400u;
     }
-    unsigned int r;
-    asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(h), "r"(0x64006400u));
-    return r;
+    return sub_1024(h);
 }
 
 // The values pair `p` of a word holds, as offsets into the word's 32 / BITS values.
@@ -137,6 +143,6 @@ __device__ __forceinline__ void rows_pair_f16(unsigned int A, unsigned int B, in
         l = ((t >> s) & M) | 0x64006400u;
         h = ((t >> (s + BITS)) & M) | 0x64006400u;
     }
-    asm("sub.f16x2 %0, %1, %2;" : "=r"(lo) : "r"(l), "r"(0x64006400u));
-    asm("sub.f16x2 %0, %1, %2;" : "=r"(hi) : "r"(h), "r"(0x64006400u));
+    lo = sub_1024(l);
+    hi = sub_1024(h);
 }
