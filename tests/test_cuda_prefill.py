@@ -95,6 +95,17 @@ def test_prompt_chunks_paced_once_a_layer_decode_never(fix, monkeypatch):
     assert len(started) == 2 * LAYERS
 
 
+def test_buffer_rows_read_from_arrays_and_quantized_triples():
+    """Every decode step reads each layer's buffer rows twice (to catch a growth step)."""
+    plain, packed = KVCache(), QuantizedKVCache(group_size=64, bits=8)
+    assert cuda_prefill._rows(plain) == cuda_prefill._rows(packed) == 0
+    x = mx.random.normal((1, 2, 100, 64))
+    plain.update_and_fetch(x, x)
+    packed.update_and_fetch(x, x)
+    assert cuda_prefill._rows(plain) == plain.keys.shape[-2] == 256
+    assert cuda_prefill._rows(packed) == vars(packed)["keys"][0].shape[-2] == 256
+
+
 def test_marker_runs_the_write_and_holds_nothing(fix):
     cache = QuantizedKVCache(group_size=64, bits=8)
     k = mx.random.normal((1, 2, 100, 64))

@@ -95,9 +95,12 @@ def pace(out: Any) -> None:
 
 
 def _rows(cache: Any) -> int:
-    """Rows the cache's key buffer has room for (read past any property: no flush)."""
-    stored = [x for _, x in tree_flatten(vars(cache).get("keys")) if isinstance(x, mx.array)]
-    return stored[0].shape[-2] if stored and stored[0].ndim >= 2 else 0
+    """Rows the cache's key buffer has room for (read past any property: no flush).
+    Every decode step asks twice a layer, so no tree walk: an array or a triple's first."""
+    stored = vars(cache).get("keys")
+    while isinstance(stored, (tuple, list)):
+        stored = stored[0] if stored else None
+    return stored.shape[-2] if isinstance(stored, mx.array) and stored.ndim >= 2 else 0
 
 
 def paced(update: Callable[..., Any]) -> Callable[..., Any]:
@@ -185,11 +188,12 @@ def prefill_attention(attention: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(attention)
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-        fused = queries.shape[-1] <= FUSED_HEAD_DIM
-        if fused and queries.shape[-2] > 1 and isinstance(mask, mx.array) and mask.dtype == mx.bool_:
-            mask = additive_mask(mask, queries.dtype)
-        if isinstance(keys, mx.array) and not hasattr(cache, "bits") and block_rows(queries, keys):
-            return blocked_attention(queries, keys, values, scale, mask, sinks)
+        if queries.shape[-2] > 1:  # a prompt chunk (a decode step passes straight through)
+            if queries.shape[-1] <= FUSED_HEAD_DIM:
+                if isinstance(mask, mx.array) and mask.dtype == mx.bool_:
+                    mask = additive_mask(mask, queries.dtype)
+            elif isinstance(keys, mx.array) and not hasattr(cache, "bits") and block_rows(queries, keys):
+                return blocked_attention(queries, keys, values, scale, mask, sinks)
         return attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
 
     setattr(scaled_dot_product_attention, _MARK, True)
