@@ -236,24 +236,25 @@ def test_finished_request_cache_continues_in_a_new_batch(entry, loaded):
     "ring,kv_bits", [(False, None), (False, 8), (True, 8)], ids=["kv16", "kv8", "kv8-ring48"]
 )
 def test_cuda_prefill_leaves_batched_answers_unchanged(entry, loaded, ring, kv_bits, monkeypatch):
-    """`cuda-prefill` (installed on CUDA only; by hand here) hands attention additive
-    masks instead of boolean ones and paces prompt chunks a layer at a time: batched
-    requests, joins and wrapped rings included, must answer exactly as without it."""
-    from mlx_lm_ext.fixes import cuda_prefill
+    """`cuda-prefill` and `prefill-reserve` (installed on CUDA only; by hand here) hand
+    attention additive masks instead of boolean ones ("causal" where no row is padded),
+    pace prompt chunks a layer at a time and allocate a prompt batch's rows at once:
+    batched requests, joins and wrapped rings included, must answer exactly as without."""
+    from mlx_lm_ext.fixes import cuda_prefill, prefill_reserve
 
     model, _ = loaded
     prompts = _prompts(entry, loaded)
     groups = [prompts[:3], prompts[3:]]
     before, _ = _batched(model, groups, [_caches(model, ring) for _ in prompts], kv_bits=kv_bits)
     monkeypatch.setattr(cuda_prefill, "MIN_TOKENS", CHUNK // 2)  # pace these small chunks too
-    applied = not cuda_prefill.FIX.applied
-    if applied:
-        cuda_prefill.FIX.apply()
+    fixes = [f for f in (cuda_prefill.FIX, prefill_reserve.FIX) if not f.applied]
+    for fix in fixes:
+        fix.apply()
     try:
         after, _ = _batched(model, groups, [_caches(model, ring) for _ in prompts], kv_bits=kv_bits)
     finally:
-        if applied:
-            cuda_prefill.FIX.revert()
+        for fix in reversed(fixes):
+            fix.revert()
     assert _tokens(after) == _tokens(before)
     for a, b in zip(after, before, strict=True):
         assert all(mx.array_equal(x[1], y[1]).item() for x, y in zip(a, b, strict=True))

@@ -15,7 +15,7 @@ from mlx_lm_ext.upstream import series
 
 # mlx-lm 0.32.0 added the kv_bits check to _is_batchable itself: no patch carries it.
 # The decode tail serves the CUDA kernels, which the series does not carry.
-NO_PATCH = {"batchable-fallback", "quantized-decode-tail", "cuda-prefill"}
+NO_PATCH = {"batchable-fallback", "quantized-decode-tail", "cuda-prefill", "prefill-reserve"}
 
 
 def test_every_fix_has_its_patch_and_names_it():

@@ -20,6 +20,7 @@ from . import (
     hybrid_quantize,
     kv_format,
     max_kv_size,
+    prefill_reserve,
     prompt_cache_bits,
     prompt_cache_full_hit,
     quantized_attention,
@@ -57,6 +58,7 @@ FIXES: list[Fix] = [
     prompt_cache_full_hit.FIX,
     prompt_cache_bits.FIX,
     cuda_prefill.FIX,
+    prefill_reserve.FIX,
 ]
 BY_NAME = {f.name: f for f in FIXES}
 _order: list[str] = []  # names in the order applied, for a newest-first revert
