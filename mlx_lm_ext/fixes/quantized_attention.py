@@ -148,15 +148,17 @@ def dequantized_attention(
     """The fused 16-bit kernel on dequantized keys and values (and the 16-bit tail rows
     after them): for prompt chunks on CUDA, and decode steps the flash kernel cannot take.
 
-    A chunk of L queries pays the dequantization once for L rows of output; on an H100
-    quantized_matmul prefilled a 4K prompt of a Llama-3.1-8B shape at 95 tok/s against
-    39K for 16 bits (benchmarks/kv_speed.py).
+    Only the first `length` rows are dequantized (a prompt batch's buffer is reserved for
+    the whole prompt, fixes/prefill_reserve.py), into contiguous arrays the fused kernel
+    reads as they are. A chunk of L queries pays the dequantization once for L rows of
+    output; on an H100 quantized_matmul prefilled a 4K prompt of a Llama-3.1-8B shape at
+    95 tok/s against 39K for 16 bits (benchmarks/kv_speed.py).
     """
-    k = mx.dequantize(*ops.keys, group_size=ops.group_size, bits=ops.bits)
-    v = mx.dequantize(*ops.values, group_size=ops.group_size, bits=ops.vbits)
-    if ops.length is not None:
-        k, v = k[..., : ops.length, :], v[..., : ops.length, :]
-    k, v = k.astype(queries.dtype), v.astype(queries.dtype)
+    keys, values = ops.keys, ops.values
+    if ops.length is not None:  # only the rows written: a reserved buffer may be mostly empty
+        keys, values = (tuple(x[..., : ops.length, :] for x in t) for t in (keys, values))
+    k = mx.dequantize(*keys, group_size=ops.group_size, bits=ops.bits).astype(queries.dtype)
+    v = mx.dequantize(*values, group_size=ops.group_size, bits=ops.vbits).astype(queries.dtype)
     if ops.tail is not None:
         k = mx.concatenate([k, ops.tail.keys.astype(k.dtype)], axis=-2)
         v = mx.concatenate([v, ops.tail.values.astype(v.dtype)], axis=-2)
