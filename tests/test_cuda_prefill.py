@@ -255,10 +255,33 @@ def test_quantized_prompt_chunks_attend_in_blocks(fix, monkeypatch):
     assert calls == [40, 40, 16] and out.shape == q.shape
 
 
+def test_dequantized_chunks_wait_for_the_previous_layer(fix, monkeypatch):
+    """Each quantized prompt chunk's attention starts its own and awaits the layer
+    before (one layer's dequantized rows in flight); a decode step passes as it was."""
+    from mlx_lm_ext.fixes import quantized_attention
+
+    started, awaited = [], []
+    monkeypatch.setattr(cuda_prefill.mx, "async_eval", lambda *a: started.append(a))
+    monkeypatch.setattr(cuda_prefill.mx, "eval", lambda *a: awaited.append(a))
+    q = mx.random.normal((1, 4, 64, 64))
+    k = mx.random.normal((1, 2, 200, 64))
+    ops = quantized_attention.QuantizedOperands(mx.quantize(k, 64, 8), mx.quantize(k, 64, 8), 64, 8, 150)
+    want = cuda_prefill.FIX.original(quantized_attention, "dequantized_attention")(q, ops, 0.1, "causal")
+    for layer in range(3):
+        out = quantized_attention.dequantized_attention(q, ops, 0.1, "causal")
+        assert len(started) == layer + 1 and len(awaited) == layer
+    assert mx.array_equal(out, want).item() and len(cuda_prefill._ATTENDING) == 1
+    quantized_attention.dequantized_attention(q[:, :, :1], ops, 0.1, None)
+    assert len(started) == 3 and len(awaited) == 2
+
+
 def test_revert_restores_every_binding():
     classes = cuda_prefill.cache_classes()
     before = {cls: vars(cls)["update_and_fetch"] for cls in classes}
     attention = llama.scaled_dot_product_attention
+    from mlx_lm_ext.fixes import quantized_attention
+
+    dequantized, make_mask = quantized_attention.dequantized_attention, BatchKVCache.make_mask
     assert {KVCache, RotatingKVCache, BatchKVCache, QuantizedRotatingKVCache} <= set(classes)
     cuda_prefill.FIX.apply()
     assert cuda_prefill.installed() and llama.scaled_dot_product_attention is not attention
@@ -266,8 +289,7 @@ def test_revert_restores_every_binding():
     cuda_prefill.FIX.revert()
     assert {cls: vars(cls)["update_and_fetch"] for cls in classes} == before
     assert llama.scaled_dot_product_attention is attention and not cuda_prefill.installed()
-    from mlx_lm_ext.fixes import quantized_attention
-
+    assert quantized_attention.dequantized_attention is dequantized and BatchKVCache.make_mask is make_mask
     assert quantized_attention.fused_attention is mx.fast.scaled_dot_product_attention
     assert cuda_prefill.FIX.needed() is cuda_prefill.on_cuda()
 
