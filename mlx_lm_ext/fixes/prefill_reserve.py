@@ -4,10 +4,11 @@ Upstream's BatchKVCache, and the quantized batch cache that keeps its growth, ma
 for a prompt chunk by concatenating the rows so far with a new block: while a layer
 writes its chunk, its old buffer and the new one are both alive, and on MLX's CUDA
 backend two layers are in flight at once (`cuda-prefill` paces them). The copy grows
-with the prompt: at the last chunk of 8 prompts of 32K tokens, a Llama-3.1-8B layer's
-old buffer is 0.5 GiB at 8 bits and 1 GiB at 16, held beside the new one; together with
-the chunk's mask it is what made prefilling, not the caches, set the peak of
-`benchmarks/capacity.py`.
+with the prompt: at the last chunk of 8 prompts of 32K tokens a Llama-3.1-8B layer's
+old buffer is 1 GiB at 16 bits, held beside the new one. On the H200 that chunk peaked
+5.62 GiB over what was active, 3.62 with this fix, as at the first chunk
+(`benchmarks/capacity.py --timeline 12 --bits 16 8`); at 8 bits the last chunk peaked
+the same with and without it.
 
 BatchGenerator knows how many tokens each prompt in its prompt batch has left (its
 segments). Here, for each prompt chunk, the batch caches are told the rows the longest
