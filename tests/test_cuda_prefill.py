@@ -47,13 +47,17 @@ def fix():
     cuda_prefill.FIX.revert()
 
 
-def _greedy(model, prompts: list[list[int]], tokens: int = 6, step: int = 128) -> list[list[int]]:
-    gen = BatchGenerator(model, max_tokens=tokens, prefill_step_size=step, stop_tokens=[])
+def _greedy(model, prompts: list[list[int]], tokens: int = 6, step: int = 128, watch=None, **kw):
+    """Greedy tokens a prompt of a BatchGenerator run (`kw` its own); `watch(gen)` after
+    every step."""
+    gen = BatchGenerator(model, max_tokens=tokens, prefill_step_size=step, stop_tokens=[], **kw)
     uids = gen.insert(prompts)
     out = {u: [] for u in uids}
     try:
         while True:
             _, responses = gen.next()
+            if watch is not None:
+                watch(gen)
             for r in responses:
                 out[r.uid].append(r.token)
             busy = gen._unprocessed_sequences or len(gen._prompt_batch) or len(gen._generation_batch)
@@ -64,10 +68,12 @@ def _greedy(model, prompts: list[list[int]], tokens: int = 6, step: int = 128) -
     return [out[u] for u in uids]
 
 
-def test_batched_greedy_tokens_unchanged():
-    """Prompts of unequal lengths (padding masks) in chunks over the 64-token line."""
+@pytest.mark.parametrize("lengths", [(300, 170, 65), (200, 200)], ids=["ragged", "even"])
+def test_batched_greedy_tokens_unchanged(lengths):
+    """Prompts of unequal lengths (padding masks) in chunks over the 64-token line, and
+    of one length (no row padded: the chunks attend with "causal")."""
     model = _model()
-    prompts = [[(7 * i + 3 * j) % 290 + 5 for j in range(n)] for i, n in enumerate((300, 170, 65))]
+    prompts = [[(7 * i + 3 * j) % 290 + 5 for j in range(n)] for i, n in enumerate(lengths)]
     before = _greedy(model, prompts)
     cuda_prefill.FIX.apply()
     try:

@@ -11,7 +11,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import BatchKVCache
-from test_cuda_prefill import _model
+from test_cuda_prefill import _greedy, _model
 
 import mlx_lm_ext
 from mlx_lm_ext.caches.batch_quantized import BatchQuantizedKVCache
@@ -35,27 +35,14 @@ def _prompts(lengths) -> list[list[int]]:
     return [[(7 * i + 3 * j) % 290 + 5 for j in range(n)] for i, n in enumerate(lengths)]
 
 
-def _run(model, prompts, bits=None, tokens=6, step=128, watch=None):
-    """Greedy tokens of a BatchGenerator run; `watch(gen)` after every step."""
+def _run(model, prompts, bits=None, watch=None):
+    """Greedy tokens of a BatchGenerator run at `bits` (quantized from the first chunk)."""
     configure(KVSettings(kv_bits=bits, quantized_kv_start=0))
     kw = {"kv_bits": bits, "quantized_kv_start": 0} if bits else {}
-    gen = BatchGenerator(model, max_tokens=tokens, prefill_step_size=step, stop_tokens=[], **kw)
-    uids = gen.insert(prompts)
-    out = {u: [] for u in uids}
     try:
-        while True:
-            _, responses = gen.next()
-            if watch is not None:
-                watch(gen)
-            for r in responses:
-                out[r.uid].append(r.token)
-            busy = gen._unprocessed_sequences or len(gen._prompt_batch) or len(gen._generation_batch)
-            if not (responses or busy):
-                break
+        return _greedy(model, prompts, watch=watch, **kw)
     finally:
-        gen.close()
         configure(KVSettings())
-    return [out[u] for u in uids]
 
 
 def _buffer_rows(gen) -> list[int]:
@@ -145,16 +132,3 @@ def test_unpadded_batches_mask_causal_padded_ones_keep_the_array():
     assert isinstance(make(even, 5, return_array=True), mx.array)
     assert isinstance(make(even, 5, window_size=4), mx.array)
     assert make(even, 1) is None or isinstance(make(even, 1), mx.array)
-
-
-@pytest.mark.parametrize("lengths", [(200, 200), (200, 120)], ids=["even", "ragged"])
-def test_batched_tokens_unchanged_with_the_causal_mask(lengths):
-    model = _model()
-    prompts = _prompts(lengths)
-    before = _run(model, prompts)
-    cuda_prefill.FIX.apply()
-    try:
-        after = _run(model, prompts)
-    finally:
-        cuda_prefill.FIX.revert()
-    assert after == before

@@ -19,8 +19,9 @@ reserving it at 16 bits would allocate the bytes quantization saves. The rows re
 are the rows the prompt fills, so the peak can only fall; rotating caches are bounded by
 their window and left alone.
 
-Installed where MLX runs on CUDA, with `cuda-prefill`, where it is measured. No patch
-file yet: the change belongs in mlx-lm's BatchGenerator, and the series does not carry it.
+Installed where MLX runs on CUDA, with `cuda-prefill`, where it is measured.
+No patch file yet: the change belongs in mlx-lm's BatchGenerator, and the series does
+not carry it.
 """
 
 from __future__ import annotations
