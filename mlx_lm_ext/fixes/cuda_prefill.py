@@ -21,10 +21,12 @@ fix 2.9 and 4.6 GiB, prefilling 1.4x and 2.7x as fast.
   converts them where its fused kernel takes the mask: once a chunk, not once a layer
   (`additive_mask`), since the layers in flight would each hold a copy. Where no fused
   kernel takes the chunk (below), the boolean mask stays: an additive copy would only
-  add its bytes. A batch whose rows are not padded (one prompt, or prompts of one
-  length) needs no array at all: its mask says what "causal" says, which the fused
-  kernel takes without one (`unpadded_causal`; at 8 x 2048 queries over 32K keys the
-  boolean and its additive copy are 1.5 GiB).
+  add its bytes. A batch none of whose rows is left-padded needs no array at all: its
+  mask says what "causal" says, which the fused kernel takes without one
+  (`unpadded_causal`; at 8 x 2048 queries over 32K keys the boolean and its additive
+  copy are 1.5 GiB). That is most prompt chunks: BatchGenerator right-pads a chunk's
+  shorter prompts, and each leaves the batch when its prompt is done (the array stays
+  for a prompt that joins a batch mid-prefill, left-padded, and for the chunks after).
 - A quantized cache's chunk attends over its rows dequantized to 16 bits, and the
   host, paced on the writes, ran about three layers of them ahead of the GPU: each such
   attention now waits for the previous layer's (`paced_dequantized`). 8 prompts of 32K
