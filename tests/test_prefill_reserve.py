@@ -132,3 +132,27 @@ def test_unpadded_batches_mask_causal_padded_ones_keep_the_array():
     assert isinstance(make(even, 5, return_array=True), mx.array)
     assert isinstance(make(even, 5, window_size=4), mx.array)
     assert make(even, 1) is None or isinstance(make(even, 1), mx.array)
+
+
+@pytest.mark.parametrize(
+    "lengths,together,arrays",
+    [((300, 170, 65), 8, False), ((300, 65, 250), 2, True)],
+    ids=["fresh", "joiner"],
+)
+def test_which_chunks_attend_causal(monkeypatch, lengths, together, arrays):
+    """Prompts of different lengths prefilled together are right-padded and leave when
+    done: every chunk "causal". One that joins mid-prefill is left-padded: an array."""
+    seen = []
+    cuda_prefill.FIX.apply()
+    try:
+        wrapped = BatchKVCache.make_mask
+        monkeypatch.setattr(
+            BatchKVCache, "make_mask", lambda self, n, **kw: seen.append(wrapped(self, n, **kw)) or seen[-1]
+        )
+        _greedy(_model(), _prompts(lengths), prefill_batch_size=together)
+    finally:
+        monkeypatch.undo()
+        cuda_prefill.FIX.revert()
+    chunks = [m for m in seen if m is not None and not (isinstance(m, mx.array) and m.shape[-2] == 1)]
+    assert chunks[0] == "causal"
+    assert any(isinstance(m, mx.array) for m in chunks) is arrays
