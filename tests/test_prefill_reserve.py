@@ -16,6 +16,7 @@ from test_cuda_prefill import _greedy, _model
 import mlx_lm_ext
 from mlx_lm_ext.caches.batch_quantized import BatchQuantizedKVCache
 from mlx_lm_ext.fixes import cuda_prefill, prefill_reserve
+from mlx_lm_ext.fixes.base import generate_module
 from mlx_lm_ext.settings import KVSettings, configure
 
 RAGGED = (700, 170, 65)
@@ -113,7 +114,7 @@ def _run_pairs(model, prompts):
 
 
 def test_revert_restores_prompt_and_step():
-    generate = prefill_reserve._generate()
+    generate = generate_module()
     prompt, step = generate.PromptProcessingBatch.prompt, generate.BatchGenerator._next
     prefill_reserve.FIX.apply()
     assert generate.PromptProcessingBatch.prompt is not prompt

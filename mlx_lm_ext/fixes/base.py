@@ -10,6 +10,7 @@ its replacements keep while applied; `revert` undoes the one and clears the othe
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -100,6 +101,11 @@ def _replace_everywhere(new: Any, original: Any, prefix: str) -> None:
     """Every module-level binding of `new` under `prefix` becomes `original` again."""
     for module, attr in _bindings(new, prefix):
         setattr(module, attr, original)
+
+
+def generate_module() -> Any:
+    """The module mlx_lm.generate (`from mlx_lm import generate` gives the function)."""
+    return importlib.import_module("mlx_lm.generate")
 
 
 class Fix:

@@ -45,6 +45,7 @@ from typing import Any
 import mlx.core as mx
 
 from .base import Fix, Patcher
+from .base import generate_module as _generate
 
 
 def _arrays(obj: Any, found: dict[int, Any], seen: set[int]) -> None:
@@ -70,12 +71,6 @@ def shared_copy(caches: list[Any]) -> list[Any]:
     memo: dict[int, Any] = {}
     _arrays(caches, memo, set())
     return copy.deepcopy(caches, memo)
-
-
-def _generate() -> Any:
-    import importlib
-
-    return importlib.import_module("mlx_lm.generate")
 
 
 def extend_caches(cache_a: list[Any], cache_b: list[Any]) -> list[Any]:

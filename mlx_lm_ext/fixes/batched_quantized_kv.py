@@ -19,7 +19,6 @@ Patch file: patches/0009-batched-quantized-kv.patch.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import logging
 from typing import Any
@@ -28,14 +27,11 @@ from .. import layout
 from ..caches import batch_quantized as bq
 from ..settings import current
 from .base import Fix, Patcher
+from .base import generate_module as _generate
 from .hybrid_quantize import maybe_quantize_kv_cache
 
 log = logging.getLogger("mlx_lm_ext")
 COVERED = {layout.FULL, layout.SLIDING, layout.RECURRENT}
-
-
-def _generate():
-    return importlib.import_module("mlx_lm.generate")
 
 
 def supported() -> bool:

@@ -32,14 +32,9 @@ from typing import Any
 
 from . import cuda_prefill
 from .base import Fix, Patcher
+from .base import generate_module as _generate
 
 _RUNNING: list[Any] = []  # the BatchGenerator whose step is running (its prompt batch's owner)
-
-
-def _generate() -> Any:
-    import importlib
-
-    return importlib.import_module("mlx_lm.generate")
 
 
 def rows_left(generator: Any, batch: Any, tokens: list[list[int]]) -> int | None:
