@@ -47,6 +47,10 @@ def fix():
     cuda_prefill.FIX.revert()
 
 
+def _prompts(lengths) -> list[list[int]]:
+    return [[(7 * i + 3 * j) % 290 + 5 for j in range(n)] for i, n in enumerate(lengths)]
+
+
 def _greedy(model, prompts: list[list[int]], tokens: int = 6, step: int = 128, watch=None, **kw):
     """Greedy tokens a prompt of a BatchGenerator run (`kw` its own); `watch(gen)` after
     every step."""
@@ -73,7 +77,7 @@ def test_batched_greedy_tokens_unchanged(lengths):
     """Prompts of unequal lengths (padding masks) in chunks over the 64-token line, and
     of one length (no row padded: the chunks attend with "causal")."""
     model = _model()
-    prompts = [[(7 * i + 3 * j) % 290 + 5 for j in range(n)] for i, n in enumerate(lengths)]
+    prompts = _prompts(lengths)
     before = _greedy(model, prompts)
     cuda_prefill.FIX.apply()
     try:

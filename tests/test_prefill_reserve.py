@@ -11,7 +11,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import BatchKVCache
-from test_cuda_prefill import _greedy, _model
+from test_cuda_prefill import _greedy, _model, _prompts
 
 import mlx_lm_ext
 from mlx_lm_ext.caches.batch_quantized import BatchQuantizedKVCache
@@ -32,10 +32,6 @@ def fix():
     mlx_lm_ext.revert()
 
 
-def _prompts(lengths) -> list[list[int]]:
-    return [[(7 * i + 3 * j) % 290 + 5 for j in range(n)] for i, n in enumerate(lengths)]
-
-
 def _run(model, prompts, bits=None, watch=None):
     """Greedy tokens of a BatchGenerator run at `bits` (quantized from the first chunk)."""
     configure(KVSettings(kv_bits=bits, quantized_kv_start=0))
@@ -47,11 +43,8 @@ def _run(model, prompts, bits=None, watch=None):
 
 
 def _buffer_rows(gen) -> list[int]:
-    caches = gen._prompt_batch.prompt_cache
-    if not len(gen._prompt_batch) or caches[0].keys is None:
-        return []
-    keys = caches[0].keys
-    return [(keys[0] if isinstance(keys, tuple) else keys).shape[2]]
+    rows = cuda_prefill._rows(gen._prompt_batch.prompt_cache[0]) if len(gen._prompt_batch) else 0
+    return [rows] if rows else []
 
 
 @pytest.mark.parametrize("bits", [None, 8], ids=["16-bit", "8-bit"])

@@ -81,7 +81,7 @@ def prompt(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def prompt(self, tokens, *args: Any, **kwargs: Any) -> Any:
         generator = _RUNNING[-1] if _RUNNING else None
-        rows = rows_left(generator, self, tokens) if generator is not None else None
+        rows = rows_left(generator, self, tokens)
         if not rows:
             return original(self, tokens, *args, **kwargs)
         converts = getattr(generator, "_quantize_cache_fn", None) is not None
