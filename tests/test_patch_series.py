@@ -15,7 +15,7 @@ from mlx_lm_ext.upstream import series
 
 # mlx-lm 0.32.0 added the kv_bits check to _is_batchable itself: no patch carries it.
 # The decode tail serves the CUDA kernels, which the series does not carry.
-NO_PATCH = {"batchable-fallback", "quantized-decode-tail", "cuda-prefill", "prefill-reserve"}
+NO_PATCH = {"batchable-fallback", "quantized-decode-tail", "cuda-prefill"}
 
 
 def test_every_fix_has_its_patch_and_names_it():
@@ -87,7 +87,7 @@ def test_a_patch_that_does_not_apply_names_patch_file_and_hunk(release_tree, tmp
     series.git(tree, "commit", "-qam", "upstream moves on")
     applied, failures = series.check(tree)
     # 0009 builds on 0005's server lines (BatchGenerator's max_kv_size), and 0011-0013,
-    # 0015-0017 on its flag checks, so they fail too, and 0018-0022 on those files as
+    # 0015-0017 on its flag checks, so they fail too, and 0018-0023 on those files as
     # 0017 and 0009 leave them; the others still apply.
     assert [f.patch for f in failures] == [
         "0005-server-kv-flags.patch",
@@ -103,6 +103,7 @@ def test_a_patch_that_does_not_apply_names_patch_file_and_hunk(release_tree, tmp
         "0020-batch-keep-ring-membership.patch",
         "0021-batch-keep-ring-quantized.patch",
         "0022-batch-handoff.patch",
+        "0023-prefill-reserve.patch",
     ]
     assert "0006-request-errors.patch" in applied
     (file, line, hunk), *_ = failures[0].hunks

@@ -19,14 +19,16 @@ reserving it at 16 bits would allocate the bytes quantization saves. The rows re
 are the rows the prompt fills, so the peak can only fall; rotating caches are bounded by
 their window and left alone.
 
-Installed where MLX runs on CUDA, with `cuda-prefill`, where it is measured.
-No patch file yet: the change belongs in mlx-lm's BatchGenerator, and the series does
-not carry it.
+Installed where MLX runs on CUDA, with `cuda-prefill`, where it is measured; on a CPU
+the saving is small (one layer in flight). Upstream PR: patches/0023-prefill-reserve.patch,
+the same reservation in BatchGenerator on every backend (`PromptProcessingBatch.prompt`
+takes `reserve`, which this fix's detection looks for).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -116,7 +118,11 @@ class PrefillReserve(Fix):
     def needed(self) -> bool:
         gen = _generate()
         owner = getattr(gen, "PromptProcessingBatch", None)
-        return cuda_prefill.on_cuda() and owner is not None and hasattr(gen.BatchGenerator, "_next")
+        if owner is None or not hasattr(gen.BatchGenerator, "_next"):
+            return False  # releases before the prompt/generation batch split
+        if "reserve" in inspect.signature(owner.prompt).parameters:
+            return False  # the patch series' BatchGenerator reserves the rows itself
+        return cuda_prefill.on_cuda()
 
     def install(self, patcher: Patcher) -> None:
         gen = _generate()
