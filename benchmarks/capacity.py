@@ -58,14 +58,15 @@ def _prompts(n: int, length: int, vocab: int) -> list[list[int]]:
 def _step_row(gen: Any, index: int, responses: list[Any], seconds: float) -> dict[str, Any]:
     """A timeline row: the step's batch sizes and memory, the device waited for."""
     mx.synchronize()
+    active = mx.get_active_memory()
     return {
         "step": index,
         "prompt": len(gen._prompt_batch),
         "generation": len(gen._generation_batch),
         "finished": sum(r.finish_reason is not None for r in responses),
         "seconds": round(time.perf_counter() - seconds, 4),
-        "active_gib": round(mx.get_active_memory() / GIB, 3),
-        "active_bytes": mx.get_active_memory(),
+        "active_gib": round(active / GIB, 3),
+        "active_bytes": active,
         "peak_gib": round(mx.get_peak_memory() / GIB, 3),
     }
 

@@ -87,41 +87,29 @@ def test_nothing_fits_ends_at_one_request(capacity):
     assert runs[-1] == 1 and len(runs) <= 2
 
 
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 256,
-    "num_hidden_layers": 2,
-    "intermediate_size": 256,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-5,
-    "vocab_size": 512,
-    "rope_theta": 500000.0,
-}
-
-
-def test_every_request_decodes_through_a_cache_growth(capacity, tmp_path):
+def test_every_request_decodes_through_a_cache_growth(capacity):
     """The decode peak counts the step where the whole batch's caches grow (one layer
     held twice while it is copied into a larger buffer): with the default --tokens the
     requests decode together long enough that it happens; with 16 tokens it did not,
     and the decode peak came out low. The growth shows as the active bytes rising by
     256 rows of every request's cache while they decode together."""
-    import json
+    from test_cuda_prefill import _model
 
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(TINY_LLAMA))
-    _, model = capacity.load_model(None, config)
-    mlx_lm_ext.apply(KVSettings(kv_group_size=64, quantized_kv_start=0))
+    model = _model(layers=2)
     n = 6
     grown = {}
-    for tokens in (None, 16):
-        argv = ["--config", str(config), "--timeline", str(n), "--prefill-step-size", "128"]
-        argv += [] if tokens is None else ["--tokens", str(tokens)]
-        args = capacity.command_line().parse_args(argv)
-        rows: list[dict] = []
-        capacity.serve(model, n, 256, 8, args, 512, rows)
-        together = [r["active_bytes"] for r in rows if r["generation"] == n and not r["finished"]]
-        grown[tokens] = max(together) - together[0]
-    mlx_lm_ext.revert()
+    mlx_lm_ext.apply(KVSettings(kv_group_size=64, quantized_kv_start=0))
+    try:
+        for tokens in (None, 16):
+            # --model is only parsed: serve() runs the model handed to it
+            argv = ["--model", "tiny", "--timeline", str(n), "--prefill-step-size", "128"]
+            argv += [] if tokens is None else ["--tokens", str(tokens)]
+            args = capacity.command_line().parse_args(argv)
+            rows: list[dict] = []
+            capacity.serve(model, n, 256, 8, args, 300, rows)
+            together = [r["active_bytes"] for r in rows if r["generation"] == n and not r["finished"]]
+            grown[tokens] = max(together) - together[0]
+    finally:
+        mlx_lm_ext.revert()
     block = n * capacity.kv_bytes(capacity.model_layout(model), 256, 8, 64)  # 256 rows, every request
     assert grown[None] >= block > grown[16], (grown, block)
