@@ -162,12 +162,20 @@ def next_count(tries: list[dict[str, Any]], limit: int, weights: int, per_reques
 
 
 def fit(
-    model: Any, bits: int | None, args: Any, weights: int, per_request: int, vocab: int
+    model: Any,
+    bits: int | None,
+    args: Any,
+    weights: int,
+    per_request: int,
+    vocab: int,
+    start: int | None = None,
 ) -> dict[str, Any]:
-    """The most requests whose whole run peaks under the limit, searched by `next_count`."""
+    """The most requests whose whole run peaks under the limit, searched by `next_count`;
+    `start` is the first count tried instead of the bytes-only bound (a re-run begins at
+    the last measured count and needs two runs, not a search, when it still holds)."""
     limit = int(args.limit_gib * GIB)
     runs: list[dict[str, Any]] = []
-    n = next_count(runs, limit, weights, per_request)
+    n = start or next_count(runs, limit, weights, per_request)
     while n is not None and len(runs) < args.tries:
         runs.append(serve(model, n, args.context, bits, args, vocab))
         print(json.dumps({"bits": bits, **runs[-1]}), flush=True)
@@ -184,10 +192,10 @@ def run(model: Any, precisions: list[int | None], args: Any, vocab: int) -> list
     layers = model_layout(model)
     serve(model, 2, min(args.context, 2 * args.prefill_step_size), 8, args, vocab)  # warm-up: kernels
     rows = []
-    for bits in precisions:
+    for bits, start in zip(precisions, args.start or [None] * len(precisions), strict=True):
         per_request = kv_bytes(layers, args.context, bits, GROUP)
         row = {"bits": bits, "kv_bytes_per_request": per_request, "weights_bytes": weights}
-        rows.append({**row, **fit(model, bits, args, weights, per_request, vocab)})
+        rows.append({**row, **fit(model, bits, args, weights, per_request, vocab, start)})
     base = rows[0]
     for r in rows:
         if base["requests"] and r["requests"]:
@@ -282,6 +290,9 @@ def command_line() -> argparse.ArgumentParser:
     )
     parser.add_argument("--prefill-step-size", type=int, default=2048)
     parser.add_argument("--tries", type=int, default=6, help="runs per precision at most")
+    parser.add_argument(
+        "--start", type=int, nargs="+", default=None, help="first count tried, one per --bits"
+    )
     parser.add_argument("--timeline", type=int, default=None, help="N requests once, a row per step")
     parser.add_argument(
         "--revert", nargs="*", default=[], choices=sorted(BY_NAME), help="with --timeline: fixes taken off"
@@ -294,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.timeline is None and args.limit_gib is None:
         parser.error("--limit-gib is required (or --timeline N)")
+    if args.start and (len(args.start) != len(args.bits) or min(args.start) < 1):
+        parser.error("--start takes one count of at least 1 per --bits width")
     name, model = load_model(args.model, args.config)
     vocab = vocab_size(model)
     keys = ("context", "tokens", "prompt_concurrency", "prefill_step_size")

@@ -87,6 +87,33 @@ def test_nothing_fits_ends_at_one_request(capacity):
     assert runs[-1] == 1 and len(runs) <= 2
 
 
+@pytest.mark.parametrize("most", [12, 14, 15])
+def test_a_search_started_at_the_last_count_brackets_it_in_two_runs(capacity, monkeypatch, most):
+    """`--start` re-measures from the last count: one run at it and one beside it settle
+    the count when it moved by one or not at all (each run is minutes of the lent GPU);
+    a move further still ends bracketed."""
+    weights, per_request, limit = 15 * GIB, 4 * GIB, 80 * GIB
+    overhead = limit - weights - most * per_request  # `most` fits, one more does not
+
+    def serve(model, n, context, bits, args, vocab):
+        peak = weights + n * per_request + overhead
+        return {"requests": n, "peak_bytes": peak, "prefill_peak_bytes": 0, "decode_peak_bytes": peak}
+
+    monkeypatch.setattr(capacity, "serve", serve)
+    args = capacity.command_line().parse_args(["--model", "llama-3.2", "--limit-gib", "80"])
+    result = capacity.fit(None, None, args, weights, per_request, 0, start=15)
+    counts = [t["requests"] for t in result["tries"]]
+    assert counts[0] == 15 and result["bracketed"] and result["requests"] == most
+    assert {most, most + 1} <= set(counts)
+    assert len(counts) <= (2 if abs(most - 15) <= 1 else 4)
+
+
+def test_start_takes_a_count_per_width(capacity):
+    with pytest.raises(SystemExit) as exit_info:
+        capacity.main(["--model", "llama-3.2", "--limit-gib", "1", "--bits", "16", "8", "--start", "3"])
+    assert exit_info.value.code == 2
+
+
 def test_every_request_decodes_through_a_cache_growth(capacity):
     """The decode peak counts the step where the whole batch's caches grow (one layer
     held twice while it is copied into a larger buffer): with the default --tokens the
