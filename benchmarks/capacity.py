@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from statistics import median
 from typing import Any
@@ -196,13 +198,48 @@ def run(model: Any, precisions: list[int | None], args: Any, vocab: int) -> list
         per_request = kv_bytes(layers, args.context, bits, GROUP)
         row = {"bits": bits, "kv_bytes_per_request": per_request, "weights_bytes": weights}
         rows.append({**row, **fit(model, bits, args, weights, per_request, vocab, start)})
+    return ratios(rows)
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Requests and decode tok/s of every row as multiples of the first (16-bit) row's."""
     base = rows[0]
     for r in rows:
+        r.pop("x_requests", None), r.pop("x_decode_tok_s", None)
         if base["requests"] and r["requests"]:
             r["x_requests"] = r["requests"] / base["requests"]
             if r.get("decode_tok_s") and base.get("decode_tok_s"):
                 r["x_decode_tok_s"] = r["decode_tok_s"] / base["decode_tok_s"]
     return rows
+
+
+SETTINGS = ("model", "machine", "mlx_lm", "context", "tokens", "prompt_concurrency", "prefill_step_size")
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from searches split over several device calls (10 minutes each): a
+    width's tries pooled, each keeping the command that ran it; its count the most that
+    fit in any call, bracketed when some call found one more over the limit. Only runs of
+    the same model, machine, release, settings and limit pool."""
+    first = results[0]
+    for other in results[1:]:
+        differing = [k for k in (*SETTINGS, "limit_gib") if other.get(k) != first.get(k)]
+        if differing:
+            raise ValueError(f"results differ in {', '.join(differing)}: they cannot pool")
+    widths: dict[int | None, list[dict[str, Any]]] = {}
+    for result in results:
+        for row in result["rows"]:
+            tagged = [{**t, "command": t.get("command", result.get("command"))} for t in row["tries"]]
+            widths.setdefault(row["bits"], []).append({**row, "tries": tagged})
+    limit = int(first["limit_gib"] * GIB)
+    rows = []
+    for _, parts in sorted(widths.items(), key=lambda kv: -(kv[0] or 16)):
+        tries = [t for part in parts for t in part["tries"]]
+        best = max(parts, key=lambda p: p["requests"])
+        bound = next_count(tries, limit, best["weights_bytes"], best["kv_bytes_per_request"])
+        rows.append({**best, "tries": tries, "bracketed": bound is None})
+    merged = {k: first[k] for k in (*SETTINGS, "limit_gib")}
+    return {**merged, "rows": ratios(rows)}
 
 
 def timelines(model: Any, precisions: list[int | None], args: Any, vocab: int) -> list[dict[str, Any]]:
@@ -259,7 +296,9 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for r in result["rows"]:
         kv = kv_label(r["bits"])
-        count = f"{r['requests']}" + ("" if r.get("bracketed", True) else " (search cut by --tries)")
+        over = [t["requests"] for t in r["tries"] if t["requests"] > r["requests"]]
+        cut = "" if r.get("bracketed", True) else ", search cut by --tries"
+        count = f"{r['requests']}" + (f" ({min(over)} over{cut})" if over else f" ({cut[2:]})" if cut else "")
         if not r["requests"]:
             lines.append(f"| {kv} | {r['kv_bytes_per_request'] / 2**20:.0f} MiB | {count} | | | | | |")
             continue
@@ -317,7 +356,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = run(model, args.bits, args, vocab)
     settings = {k: getattr(args, k) for k in (*keys, "limit_gib")}
-    emit({**header(name), **settings, "rows": rows}, args.json, markdown)
+    ran = [sys.argv[0], *sys.argv[1:]] if argv is None else ["benchmarks/capacity.py", *argv]
+    command = shlex.join(["python", *ran])
+    emit({**header(name), **settings, "command": command, "rows": rows}, args.json, markdown)
 
 
 if __name__ == "__main__":

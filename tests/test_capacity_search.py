@@ -140,3 +140,51 @@ def test_every_request_decodes_through_a_cache_growth(capacity):
         mlx_lm_ext.revert()
     block = n * capacity.kv_bytes(capacity.model_layout(model), 256, 8, 64)  # 256 rows, every request
     assert grown[None] >= block > grown[16], (grown, block)
+
+
+def _result(command: str, rows: list[tuple], limit_gib: float = 80.0) -> dict:
+    """A capacity.py result: (bits, [(requests, peak GiB), ...], decode tok/s of the best fit)."""
+    out = []
+    for bits, runs, tok_s in rows:
+        tries = [{"requests": n, "peak_bytes": int(p * GIB)} for n, p in runs]
+        fits = [t for t in tries if t["peak_bytes"] <= limit_gib * GIB]
+        best = max(fits, key=lambda t: t["requests"], default={"requests": 0})
+        best = {**best, "prefill_peak_bytes": 0, "decode_peak_bytes": best.get("peak_bytes", 0)}
+        per_request = {None: 4 * GIB, 8: 2 * GIB, 4: GIB}[bits]
+        row = {"bits": bits, "kv_bytes_per_request": per_request, "weights_bytes": 15 * GIB}
+        out.append({**row, **best, "decode_tok_s": tok_s, "tries": tries, "bracketed": False})
+    settings = {"model": "m", "machine": "gpu", "mlx_lm": "0.32.2", "context": 32768, "tokens": 256}
+    settings |= {"prompt_concurrency": 8, "prefill_step_size": 2048, "limit_gib": limit_gib}
+    return {**settings, "command": command, "rows": out}
+
+
+def test_searches_split_over_calls_pool_per_width(capacity):
+    """Each width's tries pool across calls: the count is the most that fit anywhere,
+    bracketed once another call ran one more over the limit, ratios against the pooled
+    16-bit row, and every try names the command that ran it."""
+    first = _result("a", [(None, [(15, 79.8), (16, 84.1)], 88.0), (8, [(28, 79.4), (30, 85.9)], 790.0)])
+    second = _result("b", [(8, [(29, 81.7)], 800.0), (4, [(52, 78.5), (57, 85.1), (53, 79.7)], 980.0)])
+    third = _result("c", [(4, [(54, 80.9)], 1020.0)])
+    merged = capacity.merge([first, second, third])
+    rows = {r["bits"]: r for r in merged["rows"]}
+    assert [r["bits"] for r in merged["rows"]] == [None, 8, 4]
+    assert [rows[b]["requests"] for b in (None, 8, 4)] == [15, 28, 53]
+    assert all(r["bracketed"] for r in merged["rows"])
+    assert rows[4]["x_requests"] == pytest.approx(53 / 15)
+    assert rows[4]["decode_tok_s"] == 980.0 and rows[8]["decode_tok_s"] == 790.0  # the best fit's own
+    assert [t["command"] for t in rows[4]["tries"]] == ["b", "b", "b", "c"]
+    assert "| 53 (54 over) |" in capacity.markdown(merged)
+
+
+def test_a_width_still_open_after_pooling_says_so(capacity):
+    merged = capacity.merge(
+        [_result("a", [(None, [(15, 79.8)], 88.0), (4, [(52, 78.5), (57, 85.1)], 980.0)])]
+    )
+    rows = {r["bits"]: r for r in merged["rows"]}
+    assert not rows[4]["bracketed"] and rows[4]["requests"] == 52
+    assert "| 52 (57 over, search cut by --tries) |" in capacity.markdown(merged)
+
+
+def test_results_of_other_settings_do_not_pool(capacity):
+    with pytest.raises(ValueError, match="limit_gib"):
+        capacity.merge([_result("a", [(None, [(15, 79.8)], 88.0)]), _result("b", [], limit_gib=48.0)])
