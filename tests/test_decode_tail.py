@@ -69,6 +69,32 @@ def test_the_tail_is_quantized_every_tail_rows_tokens(tail):
     assert pending == list(range(1, TAIL_ROWS + 1)) * 3
 
 
+def test_a_flush_with_room_writes_the_buffers_in_place(tail, monkeypatch):
+    """Every layer flushes on the same step, so a flush's host time is paid 32 times at
+    once: where the buffers have room it writes the quantized rows itself (no detour
+    through upstream's update, its property reads and its discarded views); only a
+    flush that must grow the buffers takes upstream's update. The bytes stay upstream's
+    (test_state_holds_exactly_what_upstream_stores)."""
+    upstream = decode_tail._upstream
+    calls = []
+
+    def counted(name):
+        calls.append(name)
+        return upstream(name)
+
+    monkeypatch.setattr(decode_tail, "_upstream", counted)
+    k, v = _rows(10 + 4 * TAIL_ROWS)
+    cache = QuantizedKVCache(bits=8)
+    _fill(cache, k, v, prompt=10, end=11 + 3 * TAIL_ROWS)  # three flushes inside 256 rows
+    assert calls.count("update_and_fetch") == 1  # the prompt chunk's, before any tail
+    for t in range(11 + 3 * TAIL_ROWS, k.shape[2]):
+        cache.update_and_fetch(k[..., t : t + 1, :], v[..., t : t + 1, :])
+    assert calls.count("update_and_fetch") == 1
+    keys = cache.keys  # the fourth flush passes row 256: the buffers grow, upstream's way
+    assert calls.count("update_and_fetch") == 2 and keys[0].shape[2] > 256 and cache.offset == k.shape[2]
+    assert _same(cache.keys, mx.quantize(k, 64, 8), k.shape[2])
+
+
 def decode_steps_match_reference(
     bits: int, n_q: int = 8, steps: int = 150, value_bits: int | None = None, rotate: str | None = None,
     dim: int = 128, heads: int = 2,

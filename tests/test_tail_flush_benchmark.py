@@ -1,0 +1,26 @@
+"""benchmarks/tail_flush.py runs anywhere and leaves nothing installed: its figure (a
+flush's host time, in place against through upstream's update) is reproducible on the
+machine CI has."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from mlx_lm_ext.fixes import quantized_decode_tail as decode_tail
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def test_both_ways_are_timed_and_the_tail_comes_off(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("tail_flush", BENCHMARKS / "tail_flush.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "flush.json"
+    module.main(["--bits", "8", "--layers", "2", "--context", "256", "--rounds", "2", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert all(len(row[way]["rounds"]) == 2 and row[way]["median_us"] > 0 for way in module.WAYS)
+    assert row["x_upstream"] > 0
+    assert not decode_tail.installed() and decode_tail._store_in_place.__name__ == "_store_in_place"
