@@ -15,7 +15,8 @@ held twice while it is copied into a larger buffer, which a long-running server 
 every 256 tokens. With 16 tokens that step was missed and the decode peak came out up
 to 2.2 GiB low (Llama-3.1-8B shape, 28 requests at 8 bits on the H200).
 
-For each precision the request count starts at what the cache bytes predict
+For each precision the request count starts at `--start` (the last measured count:
+two runs settle it when it held or moved by one) or at what the cache bytes predict
 (`report.memory`'s exact per-token bytes: (limit - weights) / bytes of one request at
 the context), an upper bound; each later count is predicted from the runs so far
 (`next_count`), until the most requests whose peak memory over the whole run, prefill
@@ -24,6 +25,9 @@ not (`--tries` full runs at most; `bracketed` says whether it was). Reported per
 precision: the requests that fit, the peak of the prefill phase and of the decode phase apart (the
 peak must come from the caches, not from prefilling, or the savings never reach the
 user), and aggregate decode tok/s with every request decoding (median of the steps).
+
+Each result records the command that ran it; `capacity_merge.py` pools searches split
+over several device calls (10 minutes each) into one result.
 
 `--timeline N` instead runs N requests once per precision, waiting for the device after
 every `BatchGenerator.next()`, and records each step's batch sizes, finished requests,
@@ -205,7 +209,8 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Requests and decode tok/s of every row as multiples of the first (16-bit) row's."""
     base = rows[0]
     for r in rows:
-        r.pop("x_requests", None), r.pop("x_decode_tok_s", None)
+        for key in ("x_requests", "x_decode_tok_s"):  # a merge's rows carry their call's
+            r.pop(key, None)
         if base["requests"] and r["requests"]:
             r["x_requests"] = r["requests"] / base["requests"]
             if r.get("decode_tok_s") and base.get("decode_tok_s"):
@@ -296,9 +301,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for r in result["rows"]:
         kv = kv_label(r["bits"])
-        over = [t["requests"] for t in r["tries"] if t["requests"] > r["requests"]]
-        cut = "" if r.get("bracketed", True) else ", search cut by --tries"
-        count = f"{r['requests']}" + (f" ({min(over)} over{cut})" if over else f" ({cut[2:]})" if cut else "")
+        count = _count(r)
         if not r["requests"]:
             lines.append(f"| {kv} | {r['kv_bytes_per_request'] / 2**20:.0f} MiB | {count} | | | | | |")
             continue
@@ -309,6 +312,16 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['decode_tok_s'] or 0:.1f} | {r.get('x_decode_tok_s', 0):.2f} |"
         )
     return "\n".join(lines)
+
+
+def _count(row: dict[str, Any]) -> str:
+    """`28 (29 over)`: the most that fit, the fewest tried over the limit, and whether
+    `--tries` cut the search before the two were one apart."""
+    over = [t["requests"] for t in row["tries"] if t["requests"] > row["requests"]]
+    notes = [f"{min(over)} over"] if over else []
+    if not row.get("bracketed", True):
+        notes.append("search cut by --tries")
+    return f"{row['requests']}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def bits_arg(text: str) -> int | None:
