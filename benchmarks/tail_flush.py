@@ -87,9 +87,9 @@ def run(args: Any) -> list[dict[str, Any]]:
                 row[way] = {"median_us": median(times[way]), "quartiles_us": [q1, q3], "rounds": times[way]}
             row["x_upstream"] = row["in place"]["median_us"] / row["upstream update"]["median_us"]
             rows.append(row)
-    finally:
-        mlx_lm_ext.revert()
+    finally:  # the tail first: it restores what the other fixes installed before it
         decode_tail.FIX.revert()
+        mlx_lm_ext.revert()
     return rows
 
 

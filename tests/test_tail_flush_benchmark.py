@@ -18,9 +18,14 @@ def test_both_ways_are_timed_and_the_tail_comes_off(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("tail_flush", BENCHMARKS / "tail_flush.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    before = dict(vars(QuantizedKVCache))
     out = tmp_path / "flush.json"
     module.main(["--bits", "8", "--layers", "2", "--context", "256", "--rounds", "2", "--json", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     assert all(len(row[way]["rounds"]) == 2 and row[way]["median_us"] > 0 for way in module.WAYS)
     assert row["x_upstream"] > 0
     assert not decode_tail.installed() and decode_tail._store_in_place.__name__ == "_store_in_place"
+    after = dict(vars(QuantizedKVCache))
+    assert [k for k in before.keys() | after.keys() if before.get(k) is not after.get(k)] == []

@@ -127,7 +127,8 @@ def _store_in_place(cache: Any, keys: mx.array, values: mx.array) -> bool:
     in four), written as upstream's update writes them; False where the buffers must grow
     first. A flush runs in every layer on the same step: upstream's update also reads
     the buffers through the `keys`/`values` properties a dozen times and makes views
-    of all six that the flush discards, which doubled the host time of that step."""
+    of all six that the flush discards, which doubled a flush's host time
+    (benchmarks/tail_flush.py)."""
     stored_keys, stored_values = vars(cache)["keys"], vars(cache)["values"]
     end = cache.offset
     if end > stored_keys[0].shape[-2]:
