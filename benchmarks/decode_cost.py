@@ -33,7 +33,7 @@ from statistics import median
 from typing import Any
 
 import mlx.core as mx
-from kv_speed import _delivery, _settings, load_model, model_parser
+from kv_speed import _delivery, _settings, load_model, model_parser, precision
 from results_io import emit, header, title
 
 import mlx_lm_ext
@@ -267,7 +267,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = model_parser(__doc__)
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
-    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    parser.add_argument("--bits", type=precision, nargs="+", default=[8, 4], help="as kv_speed.py's")
     parser.add_argument("--steps", type=int, default=16, help="decode steps a setting times per round")
     parser.add_argument("--rounds", type=int, default=4, help="turns the settings take")
     parser.add_argument("--launches", type=int, default=64, help="kernel launches evaluated at once")
@@ -297,8 +297,9 @@ def main(argv: list[str] | None = None) -> None:
             getattr(args_, "head_dim", None) or args_.hidden_size // args_.num_attention_heads,
             args.kernel_batch,
         )
+        widths = [b for b in args.bits if isinstance(b, int)]  # the kernel alone: plain widths
         for context in args.contexts:
-            rows += kernel_rows(context, args.bits, plans, args.launches, shape)
+            rows += kernel_rows(context, widths, plans, args.launches, shape)
     result = {**header(name), "steps": args.steps, "launches": args.launches}
     emit({**result, "kernel_batch": args.kernel_batch, "rows": rows}, args.json, markdown)
 

@@ -42,6 +42,7 @@ import mlx.core as mx
 from results_io import emit, header, title
 
 import mlx_lm_ext
+from mlx_lm_ext.fixes import quantized_attention
 from mlx_lm_ext.kernels import launch, plan
 from mlx_lm_ext.report.measure import (
     bootstrap_interval,
@@ -82,19 +83,24 @@ def vocab_size(model: Any) -> int:
 ROTATE = {"rot": "keys", "rot-kv": "all"}
 KEEP_SLIDING = "keep-sliding"  # sliding-window layers stay 16-bit (--keep-sliding-kv)
 CUDA_CORES = "cuda-cores"  # the flash kernel scores on CUDA cores, not tensor cores: a comparison
+EACH_STEP = "launch-each-step"  # the flash launch made every step, not once a tail's block: a comparison
+COMPARISONS = (KEEP_SLIDING, CUDA_CORES, EACH_STEP)
+_BLOCK_DECODER = quantized_attention._block_decoder
 
 
 def precision(text: str) -> int | str:
     """A --bits item: `8` (int), or a format string: `K8V4` (key and value bits apart),
     `4+rot` (keys rotated), `4+rot-kv` (keys and values), `K8V4+rot`, `8+keep-sliding`,
-    `8+cuda-cores` (the flash kernel's scores off tensor cores)."""
+    `8+cuda-cores` (the flash kernel's scores off tensor cores), `8+launch-each-step`
+    (the flash launch made every decode step, as before it was reused for a tail's block)."""
     if text.isdigit():
         return int(text)
     try:
         _widths(text)
     except (ValueError, IndexError, KeyError):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: bits, K<k>V<v>, each with optional +rot or +rot-kv, +keep-sliding, +cuda-cores"
+            f"{text!r}: bits, K<k>V<v>, each with optional +rot or +rot-kv, +keep-sliding, +cuda-cores, "
+            "+launch-each-step"
         ) from None
     return text
 
@@ -106,7 +112,7 @@ def _widths(bits: int | str) -> tuple[int, int, str | None, bool]:
     widths, *options = bits.split("+")
     w = parse_widths(widths)[0]
     key, value = (w, w) if isinstance(w, int) else w
-    rotate = [ROTATE[o] for o in options if o not in (KEEP_SLIDING, CUDA_CORES)]
+    rotate = [ROTATE[o] for o in options if o not in COMPARISONS]
     if len(rotate) > 1:
         raise ValueError(bits)
     return key, value, rotate[0] if rotate else None, KEEP_SLIDING in options
@@ -140,11 +146,15 @@ def _deliveries(bits: int | str | None) -> tuple[bool, ...]:
 
 
 def _delivery(patched: bool, settings: KVSettings, bits: int | str | None = None) -> None:
-    """Patched or not; `bits` with +cuda-cores: the flash kernel without tensor cores."""
-    tensor_cores = not isinstance(bits, str) or CUDA_CORES not in bits.split("+")
+    """Patched or not; `bits` with +cuda-cores: the flash kernel without tensor cores;
+    with +launch-each-step: no step reuses the launch an earlier one made."""
+    options = bits.split("+") if isinstance(bits, str) else ()
+    tensor_cores = CUDA_CORES not in options
     if plan.FLASH_MMA != tensor_cores:  # kernels made for the other choice are dropped
         plan.FLASH_MMA = tensor_cores
         launch.forget_plans()
+    each_step = EACH_STEP in options
+    quantized_attention._block_decoder = (lambda *args: None) if each_step else _BLOCK_DECODER
     if patched:
         mlx_lm_ext.apply(settings)
     else:

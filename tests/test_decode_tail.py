@@ -248,20 +248,32 @@ def test_flash_plan_leaves_room_for_the_tail_chunk():
         assert plan is None or (plan[2] + 1) * rows <= kernels.FLASH_SMEM
 
 
+class _Decoder:
+    """A stand-in for kernels.FlashDecoder: records what it was made with and each call."""
+
+    def __init__(self, made: list, queries, q_keys, q_values, scale, group_size, bits, length, flags, vbits):
+        self.q_keys, self.length, self.flags, self.stale, self.calls = q_keys, length, flags, False, []
+        made.append(self)
+
+    def __call__(self, queries, mask=None, sinks=None, tail=None):
+        self.calls.append((mask, sinks, tail))
+        return queries
+
+
+def _decoders(monkeypatch) -> list:
+    made: list = []
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.setattr(kernels, "flash_decoder", lambda *a: _Decoder(made, *a))
+    monkeypatch.setattr(kernels, "flash_decode", lambda *a: pytest.fail("a block step went the long way"))
+    return made
+
+
 def test_decode_hands_the_flash_kernel_the_caches_own_arrays(tail, monkeypatch):
     """Where the flash kernel runs, a decode step over a tail goes straight to it with the
     views of the quantized rows the cache made for this block and the tail's whole
-    buffers with its row count: no slice, copy or upload op a layer a step."""
-    calls = []
-
-    def flash_decode(
-        queries, q_keys, q_values, scale, group_size, bits, length, mask, sinks, rows, value_bits
-    ):
-        calls.append((q_keys, q_values, length, rows))
-        return queries
-
-    monkeypatch.setattr(kernels, "available", lambda: True)
-    monkeypatch.setattr(kernels, "flash_decode", flash_decode)
+    buffers with its row count: no slice, copy or upload op a layer a step. The launch
+    is made once a block, on its first step, and the block's other steps reuse it."""
+    made = _decoders(monkeypatch)
     k, v = _rows(300, heads=2, dim=128)
     cache = QuantizedKVCache()
     _fill(cache, k, v, prompt=200, end=234)  # 34 decode steps: 34 rows in the tail
@@ -269,12 +281,40 @@ def test_decode_hands_the_flash_kernel_the_caches_own_arrays(tail, monkeypatch):
     for t in (234, 235):
         keys, values = cache.update_and_fetch(k[..., t : t + 1, :], v[..., t : t + 1, :])
         scaled_dot_product_attention(q, keys, values, cache, scale=0.1, mask=None)
-    (k1, v1, length1, rows1), (k2, _, length2, rows2) = calls
-    assert all(a is b for a, b in zip(k1, vars(cache)["_views"][1], strict=True))
-    assert all(a is b for a, b in zip(k2, k1, strict=True))  # the same views, step after step
-    assert length1 == length2 == 200 and k1[0].shape[2] == 200  # views: the buffer holds 256
-    assert rows1[0] is vars(cache)["_tail"][0] and rows1[1] is vars(cache)["_tail"][1]
-    assert (rows1[2], rows2[2]) == (35, 36) and rows1[0].shape[2] == TAIL_ROWS
+    (decoder,) = made
+    assert all(a is b for a, b in zip(decoder.q_keys, vars(cache)["_views"][1], strict=True))
+    assert decoder.length == 200 and decoder.q_keys[0].shape[2] == 200  # views: the buffer holds 256
+    assert decoder.flags == (False, False, True)
+    (_, _, rows1), (_, _, rows2) = decoder.calls
+    assert rows1.key_buffer is vars(cache)["_tail"][0] and rows1.value_buffer is vars(cache)["_tail"][1]
+    assert (rows1.rows, rows2.rows) == (35, 36) and rows1.key_buffer.shape[2] == TAIL_ROWS
+
+
+def test_a_new_block_a_mask_or_forgotten_plans_make_the_launch_again(tail, monkeypatch):
+    """The reused launch holds the block's views: a flush (new views) makes a new one; a
+    step with a mask takes the general path; so does one after `forget_plans` (a
+    benchmark's other launch constants), whose next block step makes a fresh launch."""
+    made = _decoders(monkeypatch)
+    masked = []
+    monkeypatch.setattr(kernels, "flash_decode", lambda q, *a: masked.append(a) or q)
+    k, v = _rows(400, heads=2, dim=128)
+    cache = QuantizedKVCache()
+    _fill(cache, k, v, prompt=200, end=200 + TAIL_ROWS - 1)
+    q = mx.zeros((1, 8, 1, 128), mx.bfloat16)
+
+    def step(t: int, mask=None) -> None:
+        keys, values = cache.update_and_fetch(k[..., t : t + 1, :], v[..., t : t + 1, :])
+        scaled_dot_product_attention(q, keys, values, cache, scale=0.1, mask=mask)
+
+    step(263)  # the block's last step
+    step(264)  # a flush, then the next block's first
+    assert [d.length for d in made] == [200, 264]
+    step(265, mask=mx.zeros((1, 1, 1, 266)))
+    assert len(masked) == 1 and len(made) == 2
+    made[-1].stale = True
+    step(266)
+    step(267)
+    assert [d.length for d in made] == [200, 264, 264] and len(made[-1].calls) == 2
 
 
 def test_tail_keys_are_its_first_rows(tail):

@@ -127,6 +127,13 @@ def _flash(queries, ops: QuantizedOperands, scale, mask, sinks):
     decode_mask = _decode_mask(mask, B, T + n)
     if decode_mask is False:
         return None
+    memo = getattr(ops.tail, "memo", None)
+    if memo is not None and decode_mask is None and sinks is None:  # for the block's next steps
+        flags = (False, False, True)  # no mask, no sinks, a tail
+        widths = ops.group_size, ops.bits, T, flags, ops.vbits
+        decoder = kernels.flash_decoder(queries, ops.keys, ops.values, scale, *widths)
+        memo[_decoder_key(queries, scale)] = decoder
+        return decoder(queries, tail=ops.tail)
     return kernels.flash_decode(
         queries,
         ops.keys,
@@ -226,6 +233,11 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sink
     A rotated cache (caches/kv_format.py) holds H·k: the queries are rotated with it, so
     the scores are q·k; with rotated values the output is H·o, rotated back (H = H⁻¹).
     """
+    decoder = _block_decoder(queries, keys, scale, mask, sinks)
+    if decoder is not None:
+        rotate = keys.rotate
+        out = decoder(kv_format.hadamard(queries) if rotate else queries, tail=keys.tail)
+        return kv_format.hadamard(out) if rotate == "all" else out
     if hasattr(cache, "bits"):
         group_size, bits, vbits = cache.group_size, cache.bits, kv_format.value_bits(cache)
         rotate = kv_format.rotation(cache)
@@ -245,6 +257,22 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sink
         ops = operands(keys, values, cache, group_size, bits)._replace(value_bits=vbits)
         out = quantized_attention(queries, ops, scale, mask, sinks)
     return kv_format.hadamard(out) if rotate == "all" else out
+
+
+def _block_decoder(queries, keys, scale, mask, sinks):
+    """The flash launch an earlier step made for these quantized views (`_flash`), where
+    this step is one query with no mask or sinks: a decode tail's block of steps reads
+    the same views, and the checks that chose the kernel hold for all of them."""
+    tail = getattr(keys, "tail", None)
+    memo = None if tail is None else tail.memo
+    if not memo or mask is not None or sinks is not None:
+        return None
+    decoder = memo.get(_decoder_key(queries, scale))
+    return None if decoder is None or decoder.stale else decoder
+
+
+def _decoder_key(queries: mx.array, scale: float) -> tuple:
+    return queries.shape, queries.dtype, scale
 
 
 def _tail_attention(queries, views: QuantizedOperands, cache, scale, mask, sinks):

@@ -66,6 +66,7 @@ class Tail(NamedTuple):
     rows: int
     owner: Any  # a weak reference to the cache
     mask: Any = None  # a ring's: additive (1, ring + rows), -inf on the rows the tail replaces
+    memo: dict | None = None  # what attention made once for these quantized views (a decoder)
 
     @property
     def keys(self) -> mx.array:
@@ -235,24 +236,25 @@ def _tail_row(cache: Any, keys: mx.array, values: mx.array) -> None:
 def _fetch(cache: Any, rows: int) -> tuple[Pending, Pending]:
     """Views of the quantized rows (all `rows` but the pending ones) and the tail."""
     n = cache._pending
-    ks, vs = _quantized_views(cache, rows - n)
-    tail = Tail(*cache._tail, n, weakref.ref(cache))
+    ks, vs, memo = _quantized_views(cache, rows - n)
+    tail = Tail(*cache._tail, n, weakref.ref(cache), None, memo)
     rotate = kv_format.rotation(cache)
     return Pending(ks, tail, rotate), Pending(vs, tail, rotate)
 
 
-def _quantized_views(cache: Any, rows: int) -> tuple[tuple, tuple]:
+def _quantized_views(cache: Any, rows: int) -> tuple[tuple, tuple, dict]:
     """Views of the first `rows` quantized rows, made once per block of the tail: the
     buffers hold still between flushes (a flush, or new contents, drops them first, so
-    they never keep a buffer from being updated in place)."""
+    they never keep a buffer from being updated in place). With them, a dict that lives
+    as long as they do, for what attention derives from them once (its kernel launch)."""
     views = vars(cache).get("_views")
     if views is None or views[0] != rows:
         ks, vs = vars(cache)["keys"], vars(cache)["values"]
         if rows != ks[0].shape[2]:
             ks = tuple(x[..., :rows, :] for x in ks)
             vs = tuple(x[..., :rows, :] for x in vs)
-        views = cache._views = (rows, ks, vs)
-    return views[1], views[2]
+        views = cache._views = (rows, ks, vs, {})
+    return views[1], views[2], views[3]
 
 
 def _stored(name: str) -> property:

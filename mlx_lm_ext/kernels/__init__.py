@@ -5,7 +5,16 @@
 - `launch.py`: the MLX calls (`mx.fast.cuda_kernel`) and the one-time correctness probe
 """
 
-from .launch import TailRows, available, exact_attention, flash_decode, scores, weighted_sum
+from .launch import (
+    FlashDecoder,
+    TailRows,
+    available,
+    exact_attention,
+    flash_decode,
+    flash_decoder,
+    scores,
+    weighted_sum,
+)
 from .plan import (
     FLASH_SMEM,
     flash_plan,
@@ -19,10 +28,12 @@ from .plan import (
 
 __all__ = [
     "FLASH_SMEM",
+    "FlashDecoder",
     "TailRows",
     "available",
     "exact_attention",
     "flash_decode",
+    "flash_decoder",
     "flash_plan",
     "flash_source",
     "flash_split",

@@ -1,0 +1,57 @@
+"""benchmarks/kv_speed.py's comparison settings (also decode_cost.py's --bits): each names
+what it takes away, and taking turns with plain settings puts it back."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from mlx_lm_ext.fixes import quantized_attention
+from mlx_lm_ext.kernels import plan
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def kv_speed(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("kv_speed", BENCHMARKS / "kv_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reused = quantized_attention._block_decoder
+    yield module
+    quantized_attention._block_decoder = reused
+    plan.FLASH_MMA = True
+
+
+def test_launch_each_step_is_8_bit_without_the_reused_launch(kv_speed):
+    """`8+launch-each-step`: the same cache and kernel as 8, every step making its flash
+    launch (the decode path before a tail's block reused it); a plain setting after it
+    reuses again."""
+    reused = quantized_attention._block_decoder
+    bits = kv_speed.precision("8+launch-each-step")
+    settings = kv_speed._settings(bits)
+    assert (settings.kv_bits, settings.kv_value_bits, settings.kv_rotate) == (8, 8, None)
+    try:
+        kv_speed._delivery(False, settings, bits)
+        each_step = quantized_attention._block_decoder
+        assert each_step is not reused and each_step(None, None, 1.0, None, None) is None
+        kv_speed._delivery(False, kv_speed._settings(8), 8)
+        assert quantized_attention._block_decoder is reused
+    finally:
+        kv_speed.mlx_lm_ext.revert()
+
+
+def test_cuda_cores_and_an_unknown_option(kv_speed):
+    bits = kv_speed.precision("4+cuda-cores")
+    try:
+        kv_speed._delivery(False, kv_speed._settings(bits), bits)
+        assert plan.FLASH_MMA is False
+        kv_speed._delivery(False, kv_speed._settings(4), 4)
+        assert plan.FLASH_MMA is True
+    finally:
+        kv_speed.mlx_lm_ext.revert()
+    with pytest.raises(Exception, match="launch-each-step"):
+        kv_speed.precision("8+each-step")
