@@ -12,7 +12,8 @@ two parts, per setting, on a cache filled to the context as kv_speed.py fills it
 - step: build and eval milliseconds (medians over `--rounds` turns of `--steps` steps,
   the settings taking turns, the garbage collector off while timed) and the primitives in
   one step's graph by kind (mx.export_to_dot), for unpatched 16-bit and patched
-  quantized; per layer, each against 16-bit;
+  quantized (`--bits` as kv_speed.py's: `8+launch-each-step` makes the flash launch every
+  step, not once a tail's block); per layer, each against 16-bit;
 - kernel (where the flash kernel runs): one layer's decode attention launched
   `--launches` times in one evaluation, so issuing overlaps the kernels and the time per
   launch is the device's, for the fused 16-bit kernel and the flash kernel under each

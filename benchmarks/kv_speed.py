@@ -21,7 +21,10 @@ in the same process, on unpatched mlx-lm (every fix reverted) and patched
   (dispatch and kernels add up, so it also shows what a path costs in ops); each ratio
   to unpatched 16-bit is taken within a round and given as the median over rounds, its
   95% bootstrap interval and the range (patched 16-bit, the same code path, shows how
-  far the method can be trusted);
+  far the method can be trusted). To rank settings, `--steps 256`: every block then
+  holds one growth of each cache's buffers and four flushes of a quantized decode tail
+  (on the H200 the same 16-bit path measured 0.89-1.01 of itself so, 0.84-1.25 in
+  32-step blocks);
 - prefill: `--prefill` real tokens in generate_step's 2048-token chunks, quantized from
   the first chunk (`--quantized-kv-start 0`), timed on a second pass after a warm-up one;
 - quantize: the one-off conversion of the filled 16-bit cache when decode crosses
