@@ -251,8 +251,8 @@ def test_flash_plan_leaves_room_for_the_tail_chunk():
 class _Decoder:
     """A stand-in for kernels.FlashDecoder: records what it was made with and each call."""
 
-    def __init__(self, made: list, queries, q_keys, q_values, scale, group_size, bits, length, flags, vbits):
-        self.q_keys, self.length, self.flags, self.stale, self.calls = q_keys, length, flags, False, []
+    def __init__(self, made: list, queries, packed, length, scale, flags):
+        self.q_keys, self.length, self.flags, self.stale, self.calls = packed.keys, length, flags, False, []
         made.append(self)
 
     def __call__(self, queries, mask=None, sinks=None, tail=None):

@@ -129,9 +129,7 @@ def _flash(queries, ops: QuantizedOperands, scale, mask, sinks):
         return None
     memo = getattr(ops.tail, "memo", None)
     if memo is not None and decode_mask is None and sinks is None:  # for the block's next steps
-        flags = (False, False, True)  # no mask, no sinks, a tail
-        widths = ops.group_size, ops.bits, T, flags, ops.vbits
-        decoder = kernels.flash_decoder(queries, ops.keys, ops.values, scale, *widths)
+        decoder = kernels.flash_decoder(queries, ops, T, scale, (False, False, True))  # a tail only
         memo[_decoder_key(queries, scale)] = decoder
         return decoder(queries, tail=ops.tail)
     return kernels.flash_decode(

@@ -117,8 +117,19 @@ def flash_decode(
     MLX's CUDA backend cost more per layer than the kernel at 4K tokens (each ~7-10 us of
     dispatch; the kernel reads its sizes from the arrays' shapes and strides instead)."""
     flags = (mask is not None, sinks is not None, tail is not None)
-    decoder = flash_decoder(queries, q_keys, q_values, scale, group_size, bits, length, flags, value_bits)
-    return decoder(queries, mask, sinks, tail)
+    packed = Packed(q_keys, q_values, group_size, bits, value_bits)
+    return flash_decoder(queries, packed, length, scale, flags)(queries, mask, sinks, tail)
+
+
+class Packed(NamedTuple):
+    """Quantized keys and values as the flash kernel reads them: (data, scales, biases)
+    triples and how they were packed (`value_bits`: None, the keys' `bits`)."""
+
+    keys: tuple
+    values: tuple
+    group_size: int
+    bits: int
+    value_bits: int | None = None
 
 
 class FlashDecoder(NamedTuple):
@@ -158,23 +169,17 @@ class FlashDecoder(NamedTuple):
 
 
 def flash_decoder(
-    queries: mx.array,
-    q_keys: tuple,
-    q_values: tuple,
-    scale: float,
-    group_size: int,
-    bits: int,
-    length: int,
-    flags: tuple[bool, bool, bool],
-    value_bits: int | None = None,
+    queries: mx.array, packed: Packed, length: int, scale: float, flags: tuple[bool, bool, bool]
 ) -> FlashDecoder:
-    """The `FlashDecoder` for `flash_decode`'s arguments; `flags`: whether its calls pass
-    a mask, sinks and a tail (each call must pass the same)."""
+    """The `FlashDecoder` for `flash_decode`'s arguments (`packed`: anything with Packed's
+    fields); `flags`: whether its calls pass a mask, sinks and a tail (each the same)."""
+    q_keys = packed.keys
     B, H = q_keys[0].shape[:2]
-    widths = (bits, value_bits or bits)
-    kernel, spec = _flash_call(queries.shape, queries.dtype, B, H, widths, group_size, length, scale, flags)
+    widths = (packed.bits, packed.value_bits or packed.bits)
+    shape = (B, H, widths, packed.group_size, length, scale, flags)
+    kernel, spec = _flash_call(queries.shape, queries.dtype, *shape)
     keys = q_keys[0] if q_keys[0].shape[-2] == length else q_keys[0][..., :length, :]  # shape = length
-    return FlashDecoder(kernel, spec, [keys, *q_keys[1:], *q_values], B * H, _GENERATION[0])
+    return FlashDecoder(kernel, spec, [keys, *q_keys[1:], *packed.values], B * H, _GENERATION[0])
 
 
 _GENERATION = [0]  # forget_plans calls so far
