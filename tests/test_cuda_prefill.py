@@ -106,7 +106,7 @@ def test_prompt_chunks_paced_once_a_layer_decode_never(fix, monkeypatch):
 
 
 def test_buffer_rows_read_from_arrays_and_quantized_triples():
-    """Every decode step reads each layer's buffer rows twice (to catch a growth step)."""
+    """A write that replaced a layer's buffer reads its rows (to catch a growth step)."""
     plain, packed = KVCache(), QuantizedKVCache(group_size=64, bits=8)
     assert cuda_prefill._rows(plain) == cuda_prefill._rows(packed) == 0
     x = mx.random.normal((1, 2, 100, 64))

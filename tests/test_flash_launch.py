@@ -1,7 +1,8 @@
 """What `flash_decode` hands MLX's kernel call, on any backend (the kernel itself runs on
 the GPU: tests/test_cuda_attention.py): the queries, the quantized arrays as they are
-(the keys cut to `length` only where they hold more), placeholders for an absent mask,
-sinks or tail, the counter the previous call returned, and the tail's rows as a shape."""
+(the keys cut to `length` only where they hold more), the mask and sinks only where
+given, the counter the previous call returned, and the tail's buffers and rows (as a
+shape) only where there is a tail: the kernel declares what a launch does not pass."""
 
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ def test_the_inputs_without_mask_sinks_or_tail(kernel):
     (inputs,) = kernel.inputs
     assert inputs[0] is q and inputs[1].shape[2] == 200  # the keys cut to the length
     assert all(a is b for a, b in zip(inputs[2:7], (*qk[1:], *qv), strict=True))
-    assert inputs[7] is inputs[8] is inputs[10] is inputs[11] is launch._none()
-    assert inputs[12].shape == (1,) and kernel.calls == [((8, 4), 64, 200, (False, False, False))]
+    assert len(inputs) == 8 and (inputs[7].shape, inputs[7].dtype) == ((2,), mx.int32)  # the counter
+    assert kernel.calls == [((8, 4), 64, 200, (False, False, False))]
+    assert launch.flash_inputs((False, False, False)) == ["count"]
 
 
 def test_each_call_counts_on_the_counter_the_last_returned(kernel):
@@ -59,7 +61,7 @@ def test_each_call_counts_on_the_counter_the_last_returned(kernel):
     launch.flash_decode(q, qk, qv, 0.1, 64, 8, 128)
     returned = launch._COUNTERS[2]
     launch.flash_decode(q, qk, qv, 0.1, 64, 8, 128)
-    assert kernel.inputs[1][9] is returned and kernel.inputs[0][1] is qk[0]  # whole: no cut
+    assert kernel.inputs[1][7] is returned and kernel.inputs[0][1] is qk[0]  # whole: no cut
 
 
 def test_a_decoder_passes_the_mask_sinks_and_tail_of_each_call(kernel):
@@ -71,9 +73,20 @@ def test_a_decoder_passes_the_mask_sinks_and_tail_of_each_call(kernel):
     for n in (5, 6):
         decoder(q, mask, sinks, tail._replace(rows=n))
     first, second = kernel.inputs
+    assert launch.flash_inputs((True, True, True)) == ["mask", "sinks", "count", "tk", "tv", "tn"]
     assert first[7] is mask and first[8].dtype == mx.float32
     assert first[10] is tail.key_buffer and first[11] is tail.value_buffer
     assert (first[12].shape, second[12].shape) == ((6,), (7,)) and len(kernel.calls) == 1
     assert not decoder.stale
     launch.forget_plans()
     assert decoder.stale
+
+
+def test_a_tail_only_launch_passes_eleven_inputs(kernel):
+    """A decode tail's step (no mask or sinks): the mask and sinks are not passed at all."""
+    qk, qv = _packed(128)
+    q = mx.zeros((1, 8, 1, 64))
+    tail = TailRows(mx.zeros((1, 2, 64, 64)), mx.zeros((1, 2, 64, 64)), 3)
+    launch.flash_decoder(q, launch.Packed(qk, qv, 64, 8), 128, 0.1, (False, False, True))(q, tail=tail)
+    (inputs,) = kernel.inputs
+    assert len(inputs) == 11 and inputs[8] is tail.key_buffer and inputs[10].shape == (4,)

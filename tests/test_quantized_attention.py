@@ -314,10 +314,20 @@ def test_attention_error_to_the_unquantized_answer_is_at_most_upstreams(bits, L)
     assert err_ours <= TRUE_ERROR_RATIO[bits] * err_theirs, (err_ours / err_theirs, err_ours, err_theirs)
 
 
-def test_kernel_sources_travel_without_comments_or_indentation():
-    """MLX rebuilds and hashes a custom kernel's source at every call: the shipped one is
-    minified, its preprocessor lines still on lines of their own."""
-    text = "    // a comment\n#if X\n    int a = 1;  // trailing\n\n#endif\n"
-    assert kernels.plan.minify(text) == "#if X\nint a = 1;\n#endif\n"
-    body = kernels.plan.source("flash.cu")
-    assert "//" not in body and "\n    " not in body and "mma_f16" in body
+def test_kernel_sources_include_the_shipped_files(monkeypatch):
+    """MLX copies and hashes a custom kernel's source at every call: the source carries an
+    #include of the shipped file (and the shape and stride names MLX looks for in it),
+    the name's digest the text compiled; off a file system, the text itself."""
+    plan = kernels.plan
+    body = plan.source("flash.cu")
+    assert len(body) < 400 and body.count("#include") == 1 and "mma_f16" not in body
+    assert "kw_shape" in body and "mask_strides" in body and "q_strides" in body
+    assert plan.included(body) == body.split("#")[0] + plan.text("flash.cu")  # what NVRTC reads
+    source = kernels.flash_source((("R", 4),), ("mask", "sinks"))
+    assert "const float* mask = nullptr;" in source and "tk = nullptr" not in source
+    name = kernels.kernel_name("flash", source)
+    shipped = plan.text
+    monkeypatch.setattr(plan, "text", lambda f: shipped(f) + "// changed\n")
+    assert kernels.kernel_name("flash", source) != name  # the file's text, not its path
+    monkeypatch.setattr(plan, "_file", lambda f: type("Zipped", (), {"read_text": lambda s, **k: "x"})())
+    assert plan.source.__wrapped__("flash.cu") == plan.text("flash.cu")

@@ -106,9 +106,12 @@ def pace(out: Any) -> None:
 
 
 def _rows(cache: Any) -> int:
-    """Rows the cache's key buffer has room for (read past any property: no flush).
-    Every decode step asks twice a layer, so no tree walk: an array or a triple's first."""
-    stored = vars(cache).get("keys")
+    """Rows the cache's key buffer has room for (read past any property: no flush)."""
+    return _buffer_rows(vars(cache).get("keys"))
+
+
+def _buffer_rows(stored: Any) -> int:
+    """Rows of a key buffer: an array or a triple's first, no tree walk."""
     while isinstance(stored, (tuple, list)):
         stored = stored[0] if stored else None
     return stored.shape[-2] if isinstance(stored, mx.array) and stored.ndim >= 2 else 0
@@ -117,13 +120,20 @@ def _rows(cache: Any) -> int:
 def paced(update: Callable[..., Any]) -> Callable[..., Any]:
     """`update` that paces what it returns when handed a prompt chunk, or when the
     write grew the buffer (a decode step every `step` tokens: each layer's old buffer
-    would otherwise stay alive until the whole step has run)."""
+    would otherwise stay alive until the whole step has run). A decode step reads no
+    rows where the buffer is the same object (a row written in place): every layer of
+    every step pays this check."""
 
     @functools.wraps(update)
     def update_and_fetch(self, keys: mx.array, values: mx.array, *args: Any, **kwargs: Any) -> Any:
-        rows = _rows(self)
+        if keys.shape[-2] >= MIN_TOKENS:
+            out = update(self, keys, values, *args, **kwargs)
+            pace(out)
+            return out
+        stored = vars(self).get("keys")
         out = update(self, keys, values, *args, **kwargs)
-        if keys.shape[-2] >= MIN_TOKENS or _rows(self) - rows >= MIN_TOKENS:
+        now = vars(self).get("keys")  # a buffer that grew is a new object: rows read then only
+        if now is not stored and _buffer_rows(now) - _buffer_rows(stored) >= MIN_TOKENS:
             pace(out)
         return out
 

@@ -73,10 +73,20 @@ def _flash_kernel(R, D, bits, value_bits, group_size, per_lane, warps, scale, fl
         ("HAS_TAIL", has_tail),
         ("OutT", dtype),
     )
-    source = plan.flash_source(constants)
-    inputs = ["q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "sinks", "count", "tk", "tv", "tn"]
+    absent = tuple(name for name, on in zip(("mask", "sinks", "tail"), flags, strict=True) if not on)
+    source = plan.flash_source(constants, absent)
+    inputs = ["q", "kw", "ks", "kb", "vw", "vs", "vb", *flash_inputs(flags)]
     # ensure_row_contiguous False: strided queries and cache views are read in place
     return _custom_kernel("flash", inputs, ["out", "parts", "count_out"], source, ensure_row_contiguous=False)
+
+
+def flash_inputs(flags: tuple[bool, bool, bool]) -> list[str]:
+    """The flash kernel's inputs after the queries and quantized arrays, for whether a
+    launch passes a mask, sinks and a tail (tk, tv and tn: its rows as a shape)."""
+    has_mask, has_sinks, has_tail = flags
+    return [*(["mask"] if has_mask else []), *(["sinks"] if has_sinks else []), "count"] + (
+        ["tk", "tv", "tn"] if has_tail else []
+    )
 
 
 def _custom_kernel(name: str, inputs: list, outputs: list, source: str, **options) -> object:
@@ -147,19 +157,17 @@ class FlashDecoder(NamedTuple):
     generation: int  # forget_plans' count when made: a decoder made before is stale
 
     def __call__(self, queries: mx.array, mask=None, sinks=None, tail=None) -> mx.array:
-        n = 0 if tail is None else tail.rows
-        out, _, _COUNTERS[self.batch_heads] = self.kernel(
-            inputs=[
-                queries,
-                *self.quantized,
-                _none() if mask is None else mask,
-                _none() if sinks is None else sinks.astype(mx.float32),
-                _counter(self.batch_heads),
-                *((_none(), _none()) if tail is None else (tail.key_buffer, tail.value_buffer)),
-                _sized(n + 1),  # its shape carries the tail's rows
-            ],
-            **self.spec,
-        )
+        """A call passes what the decoder was made for (`flash_decoder`'s flags): MLX
+        rejects a call with more or fewer inputs than the kernel's."""
+        inputs = [queries, *self.quantized]
+        if mask is not None:
+            inputs.append(mask)
+        if sinks is not None:
+            inputs.append(sinks.astype(mx.float32))
+        inputs.append(_counter(self.batch_heads))
+        if tail is not None:  # tn's shape carries the tail's rows
+            inputs += (tail.key_buffer, tail.value_buffer, _sized(tail.rows + 1))
+        out, _, _COUNTERS[self.batch_heads] = self.kernel(inputs=inputs, **self.spec)
         return out
 
     @property
@@ -223,11 +231,6 @@ def _counter(batch_heads: int) -> mx.array:
     if batch_heads not in _COUNTERS:
         _COUNTERS[batch_heads] = mx.zeros((batch_heads,), mx.int32)
     return _COUNTERS[batch_heads]
-
-
-def _none() -> mx.array:
-    """A placeholder for an absent mask or sinks: made once, not an op per call."""
-    return _sized(1)
 
 
 @functools.cache

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import re
 from importlib import resources
+from pathlib import Path
 
 MAX_ACCUMULATORS = 32  # query rows x dims per lane held in registers (and shared memory)
 ROWS_PER_WARP = 4  # scores: tokens per warp, their loads issued together
@@ -32,20 +33,38 @@ CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "floa
 
 
 @functools.cache
+def text(file: str) -> str:
+    """The compiled part of a kernel file (below its marker line), as shipped."""
+    return _file(file).read_text(encoding="utf-8").split(_BODY_MARK, 1)[1]
+
+
+def _file(file: str):
+    return resources.files(__package__).joinpath(file)
+
+
+@functools.cache
 def source(file: str) -> str:
-    """The compiled part of a kernel file (below its marker line), as shipped in the package,
-    without comments and indentation: MLX's CUDA backend rebuilds a custom kernel's whole
-    source into a string at every call (a graph node a layer a decode step) and hashes it at
-    every launch, so its length is host time paid per layer."""
-    text = resources.files(__package__).joinpath(file).read_text(encoding="utf-8")
-    return minify(text.split(_BODY_MARK, 1)[1])
+    """What a kernel's source carries for one of the files: an #include of the shipped
+    file where the package is on disk (NVRTC reads it there), else its text. MLX's CUDA
+    backend copies a custom kernel's whole source into a new string at every call (a
+    graph node a layer a decode step) and hashes it at every launch: on the H200 the
+    flash kernel's 18 KB cost 3.5 us a layer a step more than an include line. MLX
+    passes an input's shape or strides only where the source names them, so the names
+    the file uses travel in a comment."""
+    path = _file(file)
+    if not isinstance(path, Path):  # not on a file system (a zip): the text itself
+        return text(file)
+    names = sorted(set(re.findall(r"\b\w+_(?:shape|strides|ndim)\b", text(file))))
+    return f'// {" ".join(names)}\n#include "{path.resolve()}"\n'
 
 
-def minify(text: str) -> str:
-    """CUDA source without // comments, indentation or blank lines (the kernels hold no
-    string literals, so a // always starts a comment)."""
-    lines = (re.sub(r"//.*", "", line).strip() for line in text.splitlines())
-    return "".join(line + "\n" for line in lines if line)
+def included(code: str) -> str:
+    """`code` with each #include of a kernel file replaced by the text compiled."""
+    files = {str(_file(f).resolve()): f for f in _KERNEL_FILES if isinstance(_file(f), Path)}
+    return re.sub(r'#include "([^"]+)"\n', lambda m: text(files[m[1]]) if m[1] in files else m[0], code)
+
+
+_KERNEL_FILES = ("packed.cuh", "flash.cu", "scores.cu", "weighted.cu")
 
 
 def header() -> str:
@@ -54,13 +73,27 @@ def header() -> str:
 
 
 def kernel_name(name: str, body: str) -> str:
-    """`name` and a digest of the kernel's whole source (shared helpers included)."""
-    return f"mlx_lm_ext_qattn_{name}_{hashlib.sha256((header() + body).encode()).hexdigest()[:16]}"
+    """`name` and a digest of the kernel's whole source as compiled (the shared helpers and
+    the files it includes read in)."""
+    digest = hashlib.sha256(included(header() + body).encode()).hexdigest()[:16]
+    return f"mlx_lm_ext_qattn_{name}_{digest}"
 
 
-def flash_source(constants: tuple) -> str:
-    """The flash kernel's body with its compile-time constants written first."""
-    return "".join(_constant(name, value) for name, value in constants) + source("flash.cu")
+# What the flash kernel declares in place of an input a launch does not pass: each input
+# costs host time at every call (~0.25 us on the H200) and these are never read then.
+_ABSENT = {
+    "mask": "const float* mask = nullptr; const Shape mask_shape = {}; const Strides mask_strides = {};\n",
+    "sinks": "const float* sinks = nullptr; const Strides sinks_strides = {};\n",
+    "tail": "const OutT* tk = nullptr; const OutT* tv = nullptr; const Strides tk_strides = {};\n"
+    "const Strides tv_strides = {}; const Shape tn_shape = {};\n",
+}
+
+
+def flash_source(constants: tuple, absent: tuple[str, ...] = ()) -> str:
+    """The flash kernel's body with its compile-time constants written first, and
+    declarations for the `absent` inputs ("mask", "sinks", "tail": tk, tv and tn)."""
+    declared = "".join(_ABSENT[name] for name in absent)
+    return "".join(_constant(name, value) for name, value in constants) + declared + source("flash.cu")
 
 
 def _constant(name: str, value) -> str:
