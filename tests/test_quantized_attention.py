@@ -314,10 +314,11 @@ def test_attention_error_to_the_unquantized_answer_is_at_most_upstreams(bits, L)
     assert err_ours <= TRUE_ERROR_RATIO[bits] * err_theirs, (err_ours / err_theirs, err_ours, err_theirs)
 
 
-def test_kernel_sources_include_the_shipped_files(monkeypatch):
+def test_kernel_sources_include_the_shipped_files(monkeypatch, tmp_path):
     """MLX copies and hashes a custom kernel's source at every call: the source carries an
     #include of the shipped file (and the shape and stride names MLX looks for in it),
-    the name's digest the text compiled; off a file system, the text itself."""
+    the name's digest the text compiled; off a file system, or where the path holds a
+    quote, the text itself."""
     plan = kernels.plan
     body = plan.source("flash.cu")
     assert len(body) < 400 and body.count("#include") == 1 and "mma_f16" not in body
@@ -329,5 +330,8 @@ def test_kernel_sources_include_the_shipped_files(monkeypatch):
     shipped = plan.text
     monkeypatch.setattr(plan, "text", lambda f: shipped(f) + "// changed\n")
     assert kernels.kernel_name("flash", source) != name  # the file's text, not its path
+    quoted = tmp_path / 'a "quoted" folder' / "flash.cu"
+    monkeypatch.setattr(plan, "_file", lambda f: quoted)
+    assert plan.source.__wrapped__("flash.cu") == plan.text("flash.cu")
     monkeypatch.setattr(plan, "_file", lambda f: type("Zipped", (), {"read_text": lambda s, **k: "x"})())
     assert plan.source.__wrapped__("flash.cu") == plan.text("flash.cu")

@@ -52,15 +52,19 @@ def source(file: str) -> str:
     passes an input's shape or strides only where the source names them, so the names
     the file uses travel in a comment."""
     path = _file(file)
-    if not isinstance(path, Path):  # not on a file system (a zip): the text itself
-        return text(file)
+    if not isinstance(path, Path) or not _includable(str(path.resolve())):
+        return text(file)  # not on a file system (a zip), or a path an #include cannot name
     names = sorted(set(re.findall(r"\b\w+_(?:shape|strides|ndim)\b", text(file))))
     return f'// {" ".join(names)}\n#include "{path.resolve()}"\n'
 
 
+def _includable(path: str) -> bool:
+    return path.isprintable() and '"' not in path and "\\" not in path
+
+
 def included(code: str) -> str:
     """`code` with each #include of a kernel file replaced by the text compiled."""
-    files = {str(_file(f).resolve()): f for f in _KERNEL_FILES if isinstance(_file(f), Path)}
+    files = {str(_file(f).resolve()): f for f in _KERNEL_FILES if isinstance(_file(f), Path)}  # path: file
     return re.sub(r'#include "([^"]+)"\n', lambda m: text(files[m[1]]) if m[1] in files else m[0], code)
 
 
