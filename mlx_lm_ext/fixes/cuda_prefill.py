@@ -126,14 +126,12 @@ def paced(update: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(update)
     def update_and_fetch(self, keys: mx.array, values: mx.array, *args: Any, **kwargs: Any) -> Any:
-        if keys.shape[-2] >= MIN_TOKENS:
-            out = update(self, keys, values, *args, **kwargs)
-            pace(out)
-            return out
         stored = vars(self).get("keys")
         out = update(self, keys, values, *args, **kwargs)
         now = vars(self).get("keys")  # a buffer that grew is a new object: rows read then only
-        if now is not stored and _buffer_rows(now) - _buffer_rows(stored) >= MIN_TOKENS:
+        if keys.shape[-2] >= MIN_TOKENS or (
+            now is not stored and _buffer_rows(now) - _buffer_rows(stored) >= MIN_TOKENS
+        ):
             pace(out)
         return out
 

@@ -39,6 +39,7 @@ def text(file: str) -> str:
 
 
 def _file(file: str):
+    """The shipped file: a Path where the package is on a file system."""
     return resources.files(__package__).joinpath(file)
 
 
@@ -52,10 +53,11 @@ def source(file: str) -> str:
     passes an input's shape or strides only where the source names them, so the names
     the file uses travel in a comment."""
     path = _file(file)
-    if not isinstance(path, Path) or not _includable(str(path.resolve())):
+    where = str(path.resolve()) if isinstance(path, Path) else None
+    if where is None or not _includable(where):
         return text(file)  # not on a file system (a zip), or a path an #include cannot name
     names = sorted(set(re.findall(r"\b\w+_(?:shape|strides|ndim)\b", text(file))))
-    return f'// {" ".join(names)}\n#include "{path.resolve()}"\n'
+    return f'// {" ".join(names)}\n#include "{where}"\n'
 
 
 def _includable(path: str) -> bool:
