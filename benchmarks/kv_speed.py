@@ -23,8 +23,8 @@ in the same process, on unpatched mlx-lm (every fix reverted) and patched
   95% bootstrap interval and the range (patched 16-bit, the same code path, shows how
   far the method can be trusted). To rank settings, `--steps 256`: every block then
   holds one growth of each cache's buffers and four flushes of a quantized decode tail
-  (on the H200 the same 16-bit path measured 0.89-1.01 of itself so, 0.84-1.25 in
-  32-step blocks);
+  (on the H200 the same 16-bit path then measured 1.01 [0.97-1.05] of itself at 32K and
+  1.00 [0.95-1.02] at 4K: benchmarks/README.md);
 - prefill: `--prefill` real tokens in generate_step's 2048-token chunks, quantized from
   the first chunk (`--quantized-kv-start 0`), timed on a second pass after a warm-up one;
 - quantize: the one-off conversion of the filled 16-bit cache when decode crosses
