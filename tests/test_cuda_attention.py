@@ -144,6 +144,39 @@ def test_flash_reads_the_16_bit_tail_after_the_quantized_rows(bits, length, n):
             assert mx.abs(got - want).max().item() < 1e-4
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_flash_writes_the_incoming_row_into_the_tail(bits):
+    """A step's own row comes as `incoming` (float32 views strided as a model's projection
+    leaves them): the launch attends to it as the tail's last row, rounded as the
+    bfloat16 buffers store it, and writes it into their next row, which a reader ordered
+    after the launch (`mx.depends`, as `settle` orders one) finds there."""
+    mx.random.seed(bits)
+    length, n = 700, 37
+    qk, qv = (tuple(mx.quantize(mx.random.normal((3, 8, length + 100, 128)), 64, bits)) for _ in range(2))
+    q = mx.random.normal((3, 32, 1, 128))
+    junk = mx.full((3, 8, 65 - n, 128), 1e4, mx.bfloat16)  # would swamp the output if read
+    old = [mx.random.normal((3, 8, n - 1, 128)).astype(mx.bfloat16) for _ in range(2)]
+    new = [mx.random.normal((3, 1, 8, 128)).transpose(0, 2, 1, 3) for _ in range(2)]  # (B, H, 1, D) views
+    buffers = [mx.concatenate([o, junk], axis=2) for o in old]
+    mx.eval(buffers, new)
+    pads = mx.array([0, length // 3, length])
+    mask = (mx.arange(length + n)[None] >= pads[:, None])[:, None, None, :]
+    tail = tuple(mx.concatenate([o, x.astype(mx.bfloat16)], axis=2) for o, x in zip(old, new, strict=True))
+    writes = kernels.TailWrites()
+    for m, sinks in ((None, None), (mask, mx.random.normal((32,)))):
+        want = _reference(q, qk, qv, 0.088, m, sinks, 64, bits, length, tail)
+        writes.row = tuple(new)
+        rows = kernels.TailRows(*buffers, n, tuple(new), writes)
+        additive = m if m is None else _additive(m)
+        got = kernels.flash_decode(q, qk, qv, 0.088, 64, bits, length, additive, sinks, rows)
+        assert mx.abs(got - want).max().item() < 1e-4
+        assert writes.kernel is got and writes.row is None
+        written = mx.depends(buffers, [got])
+        for buffer, t in zip(written, tail, strict=True):
+            assert mx.array_equal(buffer[..., :n, :], t).item()  # the new row in its place
+            assert (buffer[..., n:, :] == 1e4).all().item()  # and nothing past it
+
+
 def _additive(mask: mx.array) -> mx.array:
     return mx.where(mask, 0.0, -mx.inf).reshape(mask.shape[0], -1).astype(mx.float32)
 

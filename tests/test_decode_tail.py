@@ -9,6 +9,7 @@ runs on the GPU too, from tests/test_kernels.py, through the flash kernel).
 from __future__ import annotations
 
 import copy
+import io
 
 import mlx.core as mx
 import pytest
@@ -271,23 +272,28 @@ def _decoders(monkeypatch) -> list:
 def test_decode_hands_the_flash_kernel_the_caches_own_arrays(tail, monkeypatch):
     """Where the flash kernel runs, a decode step over a tail goes straight to it with the
     views of the quantized rows the cache made for this block and the tail's whole
-    buffers with its row count: no slice, copy or upload op a layer a step. The launch
-    is made once a block, on its first step, and the block's other steps reuse it."""
+    buffers with its row count, and the step's own row to write there: no slice, copy,
+    slice update or upload op a layer a step. The launch is made once a block, on its
+    first step, and the block's other steps reuse it."""
     made = _decoders(monkeypatch)
     k, v = _rows(300, heads=2, dim=128)
     cache = QuantizedKVCache()
     _fill(cache, k, v, prompt=200, end=234)  # 34 decode steps: 34 rows in the tail
     q = mx.zeros((2, 1, 8, 1, 128), mx.bfloat16)[0]
+    steps = []
     for t in (234, 235):
-        keys, values = cache.update_and_fetch(k[..., t : t + 1, :], v[..., t : t + 1, :])
+        steps.append((k[..., t : t + 1, :], v[..., t : t + 1, :]))
+        keys, values = cache.update_and_fetch(*steps[-1])
         scaled_dot_product_attention(q, keys, values, cache, scale=0.1, mask=None)
     (decoder,) = made
     assert all(a is b for a, b in zip(decoder.q_keys, vars(cache)["_views"][1], strict=True))
     assert decoder.length == 200 and decoder.q_keys[0].shape[2] == 200  # views: the buffer holds 256
-    assert decoder.flags == (False, False, True)
+    assert decoder.flags == (False, False, True, True)  # a tail, and the row the launch writes
     (_, _, rows1), (_, _, rows2) = decoder.calls
     assert rows1.key_buffer is vars(cache)["_tail"][0] and rows1.value_buffer is vars(cache)["_tail"][1]
     assert (rows1.rows, rows2.rows) == (35, 36) and rows1.key_buffer.shape[2] == TAIL_ROWS
+    assert all(a is b for a, b in zip(rows2.incoming, steps[1], strict=True))
+    assert rows2.writes is vars(cache)["_writes"] and rows2.writes.row is rows2.incoming
 
 
 def test_a_new_block_a_mask_or_forgotten_plans_make_the_launch_again(tail, monkeypatch):
@@ -326,6 +332,40 @@ def test_tail_keys_are_its_first_rows(tail):
     assert rows.rows == 11 and rows.key_buffer.shape[2] == TAIL_ROWS
     assert mx.array_equal(rows.keys, k[..., 50:61, :]).item()
     assert mx.array_equal(rows.values, v[..., 50:61, :]).item()
+
+
+def test_a_steps_row_waits_for_its_launch_or_the_next_reader(tail):
+    """The update adds no op to a step: the step's row waits as the tail's `incoming`
+    for the flash launch that attends to it (here none runs). The next update writes a
+    row no launch took with two slice updates before taking its own, and so does any
+    reader of the buffers (`settle`)."""
+    k, v = _rows(100)
+    cache = QuantizedKVCache()
+    _fill(cache, k, v, prompt=50, end=60)
+    writes, (key_buffer, value_buffer) = vars(cache)["_writes"], vars(cache)["_tail"]
+    assert mx.array_equal(writes.row[0], k[..., 59:60, :]).item() and vars(cache)["_pending"] == 10
+    assert _same((key_buffer, value_buffer), (k[..., 50:, :], v[..., 50:, :]), 9)  # by the next updates
+    assert not mx.array_equal(key_buffer[..., 9:10, :], k[..., 59:60, :]).item()  # not yet
+    decode_tail.settle(cache)
+    assert writes.row is None and _same(vars(cache)["_tail"], (k[..., 50:, :], v[..., 50:, :]), 10)
+
+
+def test_a_reader_after_a_launch_is_ordered_after_it(tail):
+    """A launch's write into its input is no op MLX sees: the launch records itself
+    (TailWrites.kernel) and a reader of the buffers after it (a flush, `state`) first
+    makes them depend on it, so it quantizes the row the launch wrote."""
+    k, v = _rows(100)
+    cache = QuantizedKVCache()
+    _fill(cache, k, v, prompt=50, end=60)
+    writes, before = vars(cache)["_writes"], vars(cache)["_tail"]
+    launch = mx.ones((1,)) * 2  # stands in for the launch's output
+    writes.row, writes.kernel = None, launch  # as FlashDecoder leaves them
+    decode_tail.settle(cache)
+    after = vars(cache)["_tail"]
+    assert writes.kernel is None and all(a is not b for a, b in zip(after, before, strict=True))
+    graph = io.StringIO()
+    mx.export_to_dot(graph, after[0])
+    assert "Depends" in graph.getvalue()
 
 
 def test_a_shape_the_flash_kernel_declines_hands_the_tail_back(tail, monkeypatch):

@@ -129,7 +129,8 @@ def _flash(queries, ops: QuantizedOperands, scale, mask, sinks):
         return None
     memo = getattr(ops.tail, "memo", None)
     if memo is not None and decode_mask is None and sinks is None:  # for the block's next steps
-        decoder = kernels.flash_decoder(queries, ops, T, scale, (False, False, True))  # a tail only
+        flags = (False, False, True, getattr(ops.tail, "incoming", None) is not None)  # a tail only
+        decoder = kernels.flash_decoder(queries, ops, T, scale, flags)
         memo[_decoder_key(queries, scale)] = decoder
         return decoder(queries, tail=ops.tail)
     return kernels.flash_decode(

@@ -6,12 +6,18 @@ dispatch, that alone kept 8-bit decode on a Llama-3.1-8B shape at 0.56-0.77x the
 of 16-bit; with the update as cheap as 16-bit's it ran at 1.07x (H100, same run,
 benchmarks/kv_speed.py at 32K).
 
-Here a one-token update writes the key and value rows into a 16-bit tail of TAIL_ROWS
-rows (two slice updates, as for the 16-bit cache), and every TAIL_ROWS tokens the tail is
+Here a one-token update puts the key and value rows into a 16-bit tail of TAIL_ROWS
+rows, and every TAIL_ROWS tokens the tail is
 quantized into the cache's buffers by upstream's own update, in one call: the stored data
 is exactly what upstream stores (groups run along the head dimension, so quantizing rows
 together or one by one gives the same bytes). HF transformers' `QuantizedCache` keeps
 such a residual 16-bit window too (128 tokens).
+
+The row itself is written by the flash kernel that attends to it (`Tail.incoming`,
+kernels/launch.py): the update adds no op to the step, where two slice updates cost the
+16-bit cache ~15 us a layer of host time on the H200. Whatever else reads the tail
+first writes the row with those two slice updates (`settle`), so a model whose attention
+never reaches the kernel still finds every row in the buffers.
 
 The tail travels with the quantized rows: `update_and_fetch` returns `Pending` triples
 (the quantized rows' views) whose `tail` holds the 16-bit rows, and attention
@@ -67,14 +73,27 @@ class Tail(NamedTuple):
     owner: Any  # a weak reference to the cache
     mask: Any = None  # a ring's: additive (1, ring + rows), -inf on the rows the tail replaces
     memo: dict | None = None  # what attention made once for these quantized views (a decoder)
+    incoming: tuple | None = None  # this step's (keys, values), the last of `rows`, maybe not written yet
+    writes: kernels.TailWrites | None = None  # the cache's record of rows in flight
 
     @property
     def keys(self) -> mx.array:
-        return self.key_buffer[..., : self.rows, :]
+        return self._rows(self.key_buffer, 0)
 
     @property
     def values(self) -> mx.array:
-        return self.value_buffer[..., : self.rows, :]
+        return self._rows(self.value_buffer, 1)
+
+    def _rows(self, buffer: mx.array, which: int) -> mx.array:
+        """The tail's rows of one buffer, the incoming row read where it is (written or
+        not), the others after the launch that last wrote one."""
+        if self.incoming is None:
+            return buffer[..., : self.rows, :]
+        kernel = None if self.writes is None else self.writes.kernel
+        if kernel is not None:
+            (buffer,) = mx.depends([buffer], [kernel])
+        new = self.incoming[which]
+        return mx.concatenate([buffer[..., : self.rows - 1, :], new.astype(buffer.dtype)], axis=-2)
 
     def decline(self) -> None:
         """Attention cannot read this tail fast (no flash kernel for the shape): the cache
@@ -101,6 +120,23 @@ def tail_of(keys: Any) -> Tail | None:
     return getattr(keys, "tail", None)
 
 
+def settle(cache: Any) -> None:
+    """Every pending row in the tail's buffers, for a reader other than the flash kernel:
+    ordered after the launch that last wrote one, and the incoming row written by two
+    slice updates where no launch took it."""
+    writes = vars(cache).get("_writes")
+    if writes is None:
+        return
+    if writes.kernel is not None:
+        cache._tail = tuple(mx.depends(list(cache._tail), [writes.kernel]))
+        writes.kernel = None
+    if writes.row is not None:
+        n, (keys, values) = cache._pending - 1, writes.row
+        writes.row = None
+        cache._tail[0][..., n : n + 1, :] = keys
+        cache._tail[1][..., n : n + 1, :] = values
+
+
 def flush(cache: Any) -> None:
     """Quantize the cache's pending rows into its buffers (upstream's update, one call;
     a batch cache's `store_tail_rows`)."""
@@ -108,6 +144,7 @@ def flush(cache: Any) -> None:
     n = vars(cache).get("_pending", 0)
     if not n:
         return
+    settle(cache)
     cache._pending = 0
     k, v = cache._tail
     rows = k[..., :n, :], v[..., :n, :]
@@ -177,8 +214,9 @@ def ring_update_and_fetch(self, keys: mx.array, values: mx.array):
         self._idx = self.keep
     self._idx += 1
     self.offset += 1
-    n = self._pending
-    tail = Tail(*self._tail, n, weakref.ref(self), _stale_mask(self.max_size, self.keep, self._idx, n))
+    n, writes = self._pending, self._writes
+    mask = _stale_mask(self.max_size, self.keep, self._idx, n)
+    tail = Tail(*self._tail, n, weakref.ref(self), mask, None, writes.row, writes)
     rotate = kv_format.rotation(self)
     ring_k, ring_v = tuple(vars(self)["keys"]), tuple(vars(self)["values"])
     return Pending(ring_k, tail, rotate), Pending(ring_v, tail, rotate)
@@ -214,7 +252,8 @@ def _takes_row(cache: Any, keys: mx.array) -> bool:
 
 
 def _tail_row(cache: Any, keys: mx.array, values: mx.array) -> None:
-    """The token's key and value rows into the tail (quantizing it first when full)."""
+    """The token's key and value rows onto the tail (quantizing it first when full), as
+    its incoming row: the flash launch that reads it writes it (`settle` otherwise)."""
     n = vars(cache).get("_pending", 0)
     if n == TAIL_ROWS:
         flush(cache)
@@ -222,22 +261,23 @@ def _tail_row(cache: Any, keys: mx.array, values: mx.array) -> None:
     tail = vars(cache).get("_tail")
     if tail is None or tail[0].shape[:2] != keys.shape[:2] or tail[0].dtype != keys.dtype:
         shape = (*keys.shape[:2], TAIL_ROWS)
-        tail = cache._tail = (
+        cache._tail = (
             mx.zeros((*shape, keys.shape[3]), keys.dtype),
             mx.zeros((*shape, values.shape[3]), values.dtype),
         )
+        cache._writes = kernels.TailWrites()
         FIX.state.setdefault("live", weakref.WeakSet()).add(cache)
-    keys, values = kv_format.rotate_in(cache, keys, values)  # as the quantized rows are
-    tail[0][..., n : n + 1, :] = keys
-    tail[1][..., n : n + 1, :] = values
+    if cache._writes.row is not None:  # no launch took the last one
+        settle(cache)
+    cache._writes.row = kv_format.rotate_in(cache, keys, values)  # as the quantized rows are
     cache._pending = n + 1
 
 
 def _fetch(cache: Any, rows: int) -> tuple[Pending, Pending]:
     """Views of the quantized rows (all `rows` but the pending ones) and the tail."""
-    n = cache._pending
+    n, writes = cache._pending, cache._writes
     ks, vs, memo = _quantized_views(cache, rows - n)
-    tail = Tail(*cache._tail, n, weakref.ref(cache), None, memo)
+    tail = Tail(*cache._tail, n, weakref.ref(cache), None, memo, writes.row, writes)
     rotate = kv_format.rotation(cache)
     return Pending(ks, tail, rotate), Pending(vs, tail, rotate)
 
@@ -268,6 +308,8 @@ def _stored(name: str) -> property:
         vars(self)[name] = value
         vars(self)["_pending"] = 0  # new contents (state loaded, batch extracted): no tail
         vars(self)["_views"] = None
+        if vars(self).get("_writes") is not None:
+            vars(self)["_writes"] = kernels.TailWrites()  # no pending row left to write
 
     return property(get, set_, doc=f"The quantized {name}, with no rows pending.")
 
@@ -307,7 +349,7 @@ def decline_tail(self) -> None:
     vars(self)["_tail_off"] = True
 
 
-TAIL_STATE = ("_tail", "_views", "_pending", "_tail_off")  # what a cache holds for its tail
+TAIL_STATE = ("_tail", "_views", "_pending", "_tail_off", "_writes")  # what a cache holds for its tail
 
 
 def leave_tail(copied: Any) -> None:

@@ -8,6 +8,7 @@
 from .launch import (
     FlashDecoder,
     TailRows,
+    TailWrites,
     available,
     exact_attention,
     flash_decode,
@@ -30,6 +31,7 @@ __all__ = [
     "FLASH_SMEM",
     "FlashDecoder",
     "TailRows",
+    "TailWrites",
     "available",
     "exact_attention",
     "flash_decode",

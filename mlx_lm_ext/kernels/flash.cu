@@ -25,7 +25,9 @@
     // passed as the view of their valid rows, so nothing is copied to the device a step.
     // With HAS_TAIL, the last chunk of a (batch, KV head) is the cache's tail: rows
     // T .. T + n that are not quantized yet, 16-bit, the first n rows of tk and tv
-    // (n + 1 = tn_shape[0]: a length passed as a shape, so no upload op a step).
+    // (n + 1 = tn_shape[0]: a length passed as a shape, so no upload op a step). With
+    // HAS_NEW the last of them is this step's row, read from kn and vn (B, H, 1, D), and
+    // written into tk and tv here: the cache's update adds no op to the step.
     const int T = kw_shape[2];
     const int H = kw_shape[1];
     const int C = gridDim.x / (kw_shape[0] * H);
@@ -100,12 +102,14 @@
         if (HAS_TAIL && in_tail) {
             for (int j = wib * TS + slot; j - slot < rows; j += STEP) {
                 const auto* kr = tk + at(tk_strides, b, h, min(j, rows - 1)) + d0;
+                const bool fresh = HAS_NEW && j >= rows - 1;
+                const auto* kx = kn + at(kn_strides, b, h, 0);
                 float dot[R];
                 #pragma unroll
                 for (int r = 0; r < R; ++r) dot[r] = 0.f;
                 #pragma unroll
                 for (int i = 0; i < VPL; ++i) {
-                    const float kf = static_cast<float>(kr[i]);
+                    const float kf = fresh ? as_stored(tk, kx[(d0 + i) * kn_strides[3]]) : static_cast<float>(kr[i]);
                     #pragma unroll
                     for (int r = 0; r < R; ++r) dot[r] += qf[r][i] * kf;
                 }
@@ -257,6 +261,14 @@
             }
         }
     }
+    if (HAS_NEW && in_tail) {  // the new row into the tail, where later launches read it
+        const auto* kx = kn + at(kn_strides, b, h, 0);
+        const auto* vx = vn + at(vn_strides, b, h, 0);
+        for (int d = threadIdx.x; d < D; d += blockDim.x) {
+            store(tk, at(tk_strides, b, h, rows - 1) + d, kx[d * kn_strides[3]]);
+            store(tv, at(tv_strides, b, h, rows - 1) + d, vx[d * vn_strides[3]]);
+        }
+    }
     __syncthreads();
     // The chunk's softmax numerators in place of its scores, their max and sum (a warp a
     // query row, lanes over rows).
@@ -371,9 +383,12 @@
         if (HAS_TAIL && in_tail) {
             for (int j = wib * TS + slot; j - slot < rows; j += STEP) {
                 const auto* vr = tv + at(tv_strides, b, h, min(j, rows - 1)) + d0;
+                const bool fresh = HAS_NEW && j >= rows - 1;
+                const auto* vx = vn + at(vn_strides, b, h, 0);
                 float vf[VPL];
                 #pragma unroll
-                for (int i = 0; i < VPL; ++i) vf[i] = static_cast<float>(vr[i]);
+                for (int i = 0; i < VPL; ++i)
+                    vf[i] = fresh ? as_stored(tv, vx[(d0 + i) * vn_strides[3]]) : static_cast<float>(vr[i]);
                 #pragma unroll
                 for (int r = 0; r < R; ++r) {
                     const float p = j < rows ? sm[r * CH + j] : 0.f;

@@ -37,12 +37,31 @@ import mlx.core as mx
 from . import plan
 
 
+class TailWrites:
+    """A tail's rows on their way into its buffers. `row`: the newest (keys, values) that
+    nothing has written yet; `kernel`: the output of the last flash launch that wrote one.
+    MLX orders ops by the arrays they read, and a launch's writes into its inputs are not
+    among them: a later reader of the buffers (the next launch, a flush) takes `kernel`
+    as an input too, or waits on it (`mx.depends`)."""
+
+    __slots__ = ("row", "kernel")
+
+    def __init__(self) -> None:
+        self.row: tuple | None = None
+        self.kernel: mx.array | None = None
+
+
 class TailRows(NamedTuple):
-    """16-bit rows after the quantized ones: the first `rows` rows of each buffer."""
+    """16-bit rows after the quantized ones: the first `rows` rows of each buffer, or with
+    `incoming` (this step's (keys, values), each (B, H, 1, D)) the first `rows` - 1 and
+    then it: the launch writes it into the buffers' next row and records itself in
+    `writes` (a TailWrites)."""
 
     key_buffer: mx.array
     value_buffer: mx.array
     rows: int
+    incoming: tuple | None = None
+    writes: TailWrites | None = None
 
 
 log = logging.getLogger("mlx_lm_ext")
@@ -59,7 +78,7 @@ def _kernel(name: str) -> object:
 def _flash_kernel(R, D, bits, value_bits, group_size, per_lane, warps, scale, flags, dtype) -> object:
     """The flash kernel with its constants written into its source: a call then passes
     no template (converting and hashing one costs a few us a layer a step)."""
-    has_mask, has_sinks, has_tail = flags
+    has_mask, has_sinks, has_tail, has_new = flags
     constants = (
         *plan.template(
             R, D, bits, group_size, VPL=per_lane, WARPS=warps, SMEM=plan.FLASH_SMEM, U=plan.FLASH_UNROLL
@@ -71,22 +90,28 @@ def _flash_kernel(R, D, bits, value_bits, group_size, per_lane, warps, scale, fl
         ("HAS_MASK", has_mask),
         ("HAS_SINKS", has_sinks),
         ("HAS_TAIL", has_tail),
+        ("HAS_NEW", has_new),
         ("OutT", dtype),
     )
-    absent = tuple(name for name, on in zip(("mask", "sinks", "tail"), flags, strict=True) if not on)
+    absent = tuple(name for name, on in zip(("mask", "sinks", "tail", "new"), flags, strict=True) if not on)
     source = plan.flash_source(constants, absent)
     inputs = ["q", "kw", "ks", "kb", "vw", "vs", "vb", *flash_inputs(flags)]
     # ensure_row_contiguous False: strided queries and cache views are read in place
     return _custom_kernel("flash", inputs, ["out", "parts", "count_out"], source, ensure_row_contiguous=False)
 
 
-def flash_inputs(flags: tuple[bool, bool, bool]) -> list[str]:
+def flash_inputs(flags: tuple[bool, bool, bool, bool]) -> list[str]:
     """The flash kernel's inputs after the queries and quantized arrays, for whether a
-    launch passes a mask, sinks and a tail (tk, tv and tn: its rows as a shape)."""
-    has_mask, has_sinks, has_tail = flags
-    return [*(["mask"] if has_mask else []), *(["sinks"] if has_sinks else []), "count"] + (
-        ["tk", "tv", "tn"] if has_tail else []
-    )
+    launch passes a mask, sinks, a tail (tk, tv and tn: its rows as a shape) and the
+    tail's incoming row (kn, vn and prev: the last launch that wrote a row, never read)."""
+    has_mask, has_sinks, has_tail, has_new = flags
+    return [
+        *(["mask"] if has_mask else []),
+        *(["sinks"] if has_sinks else []),
+        "count",
+        *(["tk", "tv", "tn"] if has_tail else []),
+        *(["kn", "vn", "prev"] if has_new else []),
+    ]
 
 
 def _custom_kernel(name: str, inputs: list, outputs: list, source: str, **options) -> object:
@@ -119,14 +144,15 @@ def flash_decode(
     (any float dtype, the output's; R query heads per KV head), over the first `length`
     rows of quantized buffers (B, H, T_buf, .) followed by `tail`: None, or the first
     `rows` rows of 16-bit buffers (B, H, T_tail, D) not quantized yet (the decode tail,
-    fixes/quantized_decode_tail.py; any object with these three fields). `mask`: None or additive
+    fixes/quantized_decode_tail.py; any object with these three fields, or TailRows'
+    five: the last row then comes as `incoming` and the launch writes it). `mask`: None or additive
     float32 (B or 1, length + n); `sinks`: (H·R,) logits, or None. The shape must have a
     `flash_plan`. `bits`: the keys' width; `value_bits`: the values' (default: the
     same). One kernel launch (and a slice where the keys hold more than `length`
     rows): no reshapes, casts, second pass or parameter upload as separate ops, which on
     MLX's CUDA backend cost more per layer than the kernel at 4K tokens (each ~7-10 us of
     dispatch; the kernel reads its sizes from the arrays' shapes and strides instead)."""
-    flags = (mask is not None, sinks is not None, tail is not None)
+    flags = (mask is not None, sinks is not None, tail is not None, _incoming(tail) is not None)
     packed = Packed(q_keys, q_values, group_size, bits, value_bits)
     return flash_decoder(queries, packed, length, scale, flags)(queries, mask, sinks, tail)
 
@@ -167,7 +193,13 @@ class FlashDecoder(NamedTuple):
         inputs.append(_counter(self.batch_heads))
         if tail is not None:  # tn's shape carries the tail's rows
             inputs += (tail.key_buffer, tail.value_buffer, _sized(tail.rows + 1))
+            incoming, writes = _incoming(tail), getattr(tail, "writes", None)
+            if incoming is not None:  # prev: the last launch that wrote a row, or any array
+                last = None if writes is None else writes.kernel
+                inputs += (*incoming, tail.key_buffer if last is None else last)
         out, _, _COUNTERS[self.batch_heads] = self.kernel(inputs=inputs, **self.spec)
+        if tail is not None and incoming is not None and writes is not None:
+            writes.row, writes.kernel = None, out
         return out
 
     @property
@@ -177,10 +209,11 @@ class FlashDecoder(NamedTuple):
 
 
 def flash_decoder(
-    queries: mx.array, packed: Packed, length: int, scale: float, flags: tuple[bool, bool, bool]
+    queries: mx.array, packed: Packed, length: int, scale: float, flags: tuple[bool, bool, bool, bool]
 ) -> FlashDecoder:
     """The `FlashDecoder` for `flash_decode`'s arguments (`packed`: anything with Packed's
-    fields); `flags`: whether its calls pass a mask, sinks and a tail (each the same)."""
+    fields); `flags`: whether its calls pass a mask, sinks, a tail and the tail's
+    incoming row (each the same)."""
     q_keys = packed.keys
     B, H = q_keys[0].shape[:2]
     widths = (packed.bits, packed.value_bits or packed.bits)
@@ -231,6 +264,11 @@ def _counter(batch_heads: int) -> mx.array:
     if batch_heads not in _COUNTERS:
         _COUNTERS[batch_heads] = mx.zeros((batch_heads,), mx.int32)
     return _COUNTERS[batch_heads]
+
+
+def _incoming(tail: Any) -> tuple | None:
+    """A tail's row that the launch writes (TailRows.incoming), or None."""
+    return getattr(tail, "incoming", None)
 
 
 @functools.cache

@@ -92,12 +92,15 @@ _ABSENT = {
     "sinks": "const float* sinks = nullptr; const Strides sinks_strides = {};\n",
     "tail": "const OutT* tk = nullptr; const OutT* tv = nullptr; const Strides tk_strides = {};\n"
     "const Strides tv_strides = {}; const Shape tn_shape = {};\n",
+    "new": "const OutT* kn = nullptr; const OutT* vn = nullptr; const Strides kn_strides = {};\n"
+    "const Strides vn_strides = {};\n",
 }
 
 
 def flash_source(constants: tuple, absent: tuple[str, ...] = ()) -> str:
     """The flash kernel's body with its compile-time constants written first, and
-    declarations for the `absent` inputs ("mask", "sinks", "tail": tk, tv and tn)."""
+    declarations for the `absent` inputs ("mask", "sinks", "tail": tk, tv and tn, "new":
+    kn and vn)."""
     declared = "".join(_ABSENT[name] for name in absent)
     return "".join(_constant(name, value) for name, value in constants) + declared + source("flash.cu")
 
