@@ -20,7 +20,11 @@ two parts, per setting, on a cache filled to the context as kv_speed.py fills it
   launch plan of `--plans` (blocks a step aims for, rows a lane loads before computing,
   warps a block, scores on tensor cores or not), as cache bytes read per second.
   `--kernel-batch` requests a launch (default 1) make its device time exceed the ~55 us
-  it takes to issue one, which a single request's 16-bit kernel does not.
+  it takes to issue one, which a single request's 16-bit kernel does not;
+- tail (where the flash kernel runs): the shipped launch over a decode tail, its rows
+  read from the buffers, against the same launch handed the step's row to write there
+  as a decode step hands it (`kernels.TailRows.incoming`): build and eval us a launch,
+  `--launches` launches built then evaluated, the median of 7 rounds.
 """
 
 from __future__ import annotations
@@ -219,6 +223,45 @@ def kernel_rows(context: int, precisions: list[int], plans: list[tuple], launche
     return rows
 
 
+TAIL_KINDS = ("tail read", "tail + step row")
+
+
+def tail_rows(context: int, bits: int, shape, launches: int, rounds: int = 7) -> list[dict]:
+    """Build and eval us a launch of the flash kernel over `context` quantized rows and a
+    31-row decode tail, without and with the step's row to write (TAIL_KINDS), the two
+    taking turns round by round."""
+    q_heads, kv_heads, dim, batch = shape
+    t = _layer(context, bits, shape)
+    buffers = [mx.random.normal((batch, kv_heads, 64, dim)).astype(mx.bfloat16) for _ in range(2)]
+    row = tuple(mx.random.normal((batch, kv_heads, 1, dim)).astype(mx.bfloat16) for _ in range(2))
+    mx.eval(buffers, row)
+    times: dict[str, list[tuple[float, float]]] = {kind: [] for kind in TAIL_KINDS}
+    for _ in range(rounds):
+        for kind in TAIL_KINDS:
+            writes = kernels.TailWrites()
+            tic = time.perf_counter()
+            outs = []
+            for _ in range(launches):
+                tail = kernels.TailRows(*buffers, 31, *((row, writes) if kind != TAIL_KINDS[0] else ()))
+                outs.append(
+                    launch.flash_decode(t["q"], t["qk"], t["qv"], dim**-0.5, GROUP, bits, context, tail=tail)
+                )
+            mid = time.perf_counter()
+            mx.eval(outs)
+            times[kind].append(((mid - tic) / launches * 1e6, (time.perf_counter() - mid) / launches * 1e6))
+    return [
+        {
+            "kind": "tail",
+            "context": context,
+            "bits": bits,
+            "launch": kind,
+            "build_us": median(b for b, _ in times[kind]),
+            "eval_us": median(e for _, e in times[kind]),
+        }
+        for kind in TAIL_KINDS
+    ]
+
+
 def _plan_arg(text: str) -> tuple[int, ...]:
     """'blocks,unroll,warps[,mma]': mma 1 (the default) scores on tensor cores, 0 on CUDA cores."""
     values = tuple(int(x) for x in text.split(","))
@@ -262,6 +305,13 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {r['context']} | {r['bits']} | {r['plan']} | {r['ms'] * 1e3:.1f} | "
                 f"{r['GB_s']:.0f} | {ratio} |"
             )
+    tails = [r for r in result["rows"] if r["kind"] == "tail"]
+    if tails:
+        lines += ["", "| context | bits | launch | build us | eval us |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {r['context']} | {r['bits']} | {r['launch']} | {r['build_us']:.1f} | {r['eval_us']:.1f} |"
+            for r in tails
+        ]
     return "\n".join(lines)
 
 
@@ -301,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
         widths = [b for b in args.bits if isinstance(b, int)]  # the kernel alone: plain widths
         for context in args.contexts:
             rows += kernel_rows(context, widths, plans, args.launches, shape)
+            for bits in widths:
+                rows += tail_rows(context, bits, shape, args.launches)
     result = {**header(name), "steps": args.steps, "launches": args.launches}
     emit({**result, "kernel_batch": args.kernel_batch, "rows": rows}, args.json, markdown)
 

@@ -55,3 +55,27 @@ def test_cuda_cores_and_an_unknown_option(kv_speed):
         kv_speed.mlx_lm_ext.revert()
     with pytest.raises(Exception, match="launch-each-step"):
         kv_speed.precision("8+each-step")
+
+
+def test_decode_costs_tail_launches_pass_what_a_decode_step_passes(monkeypatch):
+    """decode_cost.py's tail rows time the flash launch over a decode tail as a step
+    makes it: the rows read from the buffers, then the same launch handed the step's row
+    to write and the record of the last launch that wrote one."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("decode_cost", BENCHMARKS / "decode_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tails = []
+
+    def flash_decode(q, qk, qv, scale, group, bits, length, tail=None):
+        tails.append(tail)
+        return q
+
+    monkeypatch.setattr(module.launch, "flash_decode", flash_decode)
+    rows = module.tail_rows(256, 8, (8, 2, 64, 1), launches=2, rounds=1)
+    assert [r["launch"] for r in rows] == list(module.TAIL_KINDS)
+    assert all(r["build_us"] > 0 and r["eval_us"] > 0 for r in rows)
+    read, written = tails[:2], tails[2:]
+    assert all(t.rows == 31 and t.incoming is None for t in read)
+    assert all(t.incoming is not None and t.writes is written[0].writes for t in written)
+    assert written[0].incoming[0].shape == (1, 2, 1, 64) and written[0].key_buffer.shape == (1, 2, 64, 64)

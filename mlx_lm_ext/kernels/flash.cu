@@ -26,8 +26,8 @@
     // With HAS_TAIL, the last chunk of a (batch, KV head) is the cache's tail: rows
     // T .. T + n that are not quantized yet, 16-bit, the first n rows of tk and tv
     // (n + 1 = tn_shape[0]: a length passed as a shape, so no upload op a step). With
-    // HAS_NEW the last of them is this step's row, read from kn and vn (B, H, 1, D), and
-    // written into tk and tv here: the cache's update adds no op to the step.
+    // HAS_NEW the last of them is this step's row, in kn and vn (B, H, 1, D): the tail's
+    // block writes it into tk and tv first, so the cache's update adds no op to the step.
     const int T = kw_shape[2];
     const int H = kw_shape[1];
     const int C = gridDim.x / (kw_shape[0] * H);
@@ -54,6 +54,18 @@
     const auto* v_s = vs + at(vs_strides, b, h, t_q) + g;
     const auto* v_b = vb + at(vb_strides, b, h, t_q) + g;
     const float* mrow = mask + (mask_shape[0] > 1 ? b * mask_strides[0] : 0) + t_begin * mask_strides[1];
+    if (HAS_NEW && in_tail) {
+        // This step's row into the tail first, rounded as stored; the block then reads every
+        // row from the buffers (a row read from kn and vn in the loops cost the whole kernel
+        // registers: 72 us a launch against 48 at 32K tokens on the H200).
+        const auto* kx = kn + at(kn_strides, b, h, 0);
+        const auto* vx = vn + at(vn_strides, b, h, 0);
+        for (int d = threadIdx.x; d < D; d += blockDim.x) {
+            store(tk, at(tk_strides, b, h, rows - 1) + d, kx[d * kn_strides[3]]);
+            store(tv, at(tv_strides, b, h, rows - 1) + d, vx[d * vn_strides[3]]);
+        }
+        __syncthreads();  // the block's writes to global memory are visible to it after this
+    }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     // plan.flash_tensor_cores's shapes (checked here too: a wrong flag cannot miscompile)
     constexpr bool TC = MMA && R <= 8 && D % 16 == 0 && GS * BITS >= 128 && D * BITS >= 128;
@@ -102,14 +114,12 @@
         if (HAS_TAIL && in_tail) {
             for (int j = wib * TS + slot; j - slot < rows; j += STEP) {
                 const auto* kr = tk + at(tk_strides, b, h, min(j, rows - 1)) + d0;
-                const bool fresh = HAS_NEW && j >= rows - 1;
-                const auto* kx = kn + at(kn_strides, b, h, 0);
                 float dot[R];
                 #pragma unroll
                 for (int r = 0; r < R; ++r) dot[r] = 0.f;
                 #pragma unroll
                 for (int i = 0; i < VPL; ++i) {
-                    const float kf = fresh ? as_stored(tk, kx[(d0 + i) * kn_strides[3]]) : static_cast<float>(kr[i]);
+                    const float kf = static_cast<float>(kr[i]);
                     #pragma unroll
                     for (int r = 0; r < R; ++r) dot[r] += qf[r][i] * kf;
                 }
@@ -261,14 +271,6 @@
             }
         }
     }
-    if (HAS_NEW && in_tail) {  // the new row into the tail, where later launches read it
-        const auto* kx = kn + at(kn_strides, b, h, 0);
-        const auto* vx = vn + at(vn_strides, b, h, 0);
-        for (int d = threadIdx.x; d < D; d += blockDim.x) {
-            store(tk, at(tk_strides, b, h, rows - 1) + d, kx[d * kn_strides[3]]);
-            store(tv, at(tv_strides, b, h, rows - 1) + d, vx[d * vn_strides[3]]);
-        }
-    }
     __syncthreads();
     // The chunk's softmax numerators in place of its scores, their max and sum (a warp a
     // query row, lanes over rows).
@@ -383,12 +385,9 @@
         if (HAS_TAIL && in_tail) {
             for (int j = wib * TS + slot; j - slot < rows; j += STEP) {
                 const auto* vr = tv + at(tv_strides, b, h, min(j, rows - 1)) + d0;
-                const bool fresh = HAS_NEW && j >= rows - 1;
-                const auto* vx = vn + at(vn_strides, b, h, 0);
                 float vf[VPL];
                 #pragma unroll
-                for (int i = 0; i < VPL; ++i)
-                    vf[i] = fresh ? as_stored(tv, vx[(d0 + i) * vn_strides[3]]) : static_cast<float>(vr[i]);
+                for (int i = 0; i < VPL; ++i) vf[i] = static_cast<float>(vr[i]);
                 #pragma unroll
                 for (int r = 0; r < R; ++r) {
                     const float p = j < rows ? sm[r * CH + j] : 0.f;

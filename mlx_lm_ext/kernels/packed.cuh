@@ -30,14 +30,9 @@ __device__ __forceinline__ long at(const S& st, long b, long h, long t) {
     return b * st[0] + h * st[1] + t * st[2];
 }
 
-// A decode step's new row as its 16-bit tail buffer stores it (rounded to the buffer's
-// type, `T`), and its write there: the flash kernel writes the row into the tail itself
-// (the buffer is an input: MLX orders later readers by the launch's output, see launch.py).
-template <typename T, typename U>
-__device__ __forceinline__ float as_stored(const T*, U x) {
-    return static_cast<float>(static_cast<T>(static_cast<float>(x)));
-}
-
+// A decode step's new row into its 16-bit tail buffer, rounded to the buffer's type: the
+// flash kernel writes the row itself (the buffer is one of its inputs: later readers are
+// ordered after the launch by its output, see launch.TailWrites).
 template <typename T, typename U>
 __device__ __forceinline__ void store(const T* buffer, long i, U x) {
     const_cast<T*>(buffer)[i] = static_cast<T>(static_cast<float>(x));
