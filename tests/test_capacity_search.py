@@ -3,16 +3,14 @@ full runs (each one is minutes of the lent GPU) and bracketed exactly."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import BENCHMARKS, load
 
 import mlx_lm_ext
 from mlx_lm_ext.settings import KVSettings
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 GIB = 2**30
 
 
@@ -20,10 +18,7 @@ GIB = 2**30
 def capacity():
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        spec = importlib.util.spec_from_file_location("capacity", BENCHMARKS / "capacity.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
+        yield load("capacity")
     finally:
         sys.path.remove(str(BENCHMARKS))
 

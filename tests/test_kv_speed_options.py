@@ -3,23 +3,17 @@ what it takes away, and taking turns with plain settings puts it back."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from benchmark_scripts import BENCHMARKS, load
 
 from mlx_lm_ext.fixes import quantized_attention
 from mlx_lm_ext.kernels import plan
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 @pytest.fixture
 def kv_speed(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("kv_speed", BENCHMARKS / "kv_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load("kv_speed")
     reused = quantized_attention._block_decoder
     yield module
     quantized_attention._block_decoder = reused
@@ -62,9 +56,7 @@ def test_decode_costs_tail_launches_pass_what_a_decode_step_passes(monkeypatch):
     makes it: the rows read from the buffers, then the same launch handed the step's row
     to write and the record of the last launch that wrote one."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("decode_cost", BENCHMARKS / "decode_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load("decode_cost")
     tails = []
 
     def flash_decode(q, qk, qv, scale, group, bits, length, tail=None):

@@ -4,20 +4,16 @@ machine CI has."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+
+from benchmark_scripts import BENCHMARKS, load
 
 from mlx_lm_ext.fixes import quantized_decode_tail as decode_tail
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 def test_both_ways_are_timed_and_the_tail_comes_off(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("tail_flush", BENCHMARKS / "tail_flush.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load("tail_flush")
     from mlx_lm.models.cache import QuantizedKVCache
 
     before = dict(vars(QuantizedKVCache))
