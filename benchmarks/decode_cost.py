@@ -38,10 +38,9 @@ from statistics import median
 from typing import Any
 
 import mlx.core as mx
-from kv_speed import _delivery, _settings, load_model, model_parser, precision
+from kv_speed import _delivery, _settings, load_model, model_parser, precision, undo_delivery
 from results_io import emit, header, title
 
-import mlx_lm_ext
 from mlx_lm_ext import kernels
 from mlx_lm_ext.kernels import launch, plan
 from mlx_lm_ext.report.measure import attention_layers, filled_cache, no_gc
@@ -87,7 +86,7 @@ def _with(bits, fn):
     try:
         return fn()
     finally:
-        mlx_lm_ext.revert()
+        undo_delivery()
 
 
 def step_rows(model: Any, context: int, precisions: list, steps: int, rounds: int) -> list[dict[str, Any]]:

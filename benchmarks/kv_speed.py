@@ -23,8 +23,8 @@ in the same process, on unpatched mlx-lm (every fix reverted) and patched
   95% bootstrap interval and the range (patched 16-bit, the same code path, shows how
   far the method can be trusted). To rank settings, `--steps 256`: every block then
   holds one growth of each cache's buffers and four flushes of a quantized decode tail
-  (on the H200 the same 16-bit path then measured 1.01 [0.97-1.05] of itself at 32K and
-  1.00 [0.95-1.02] at 4K: benchmarks/README.md);
+  (on the H200 the same 16-bit path then measured 0.97-1.05 of itself at 32K on one
+  lease, 0.92-1.13 on a noisier one: benchmarks/README.md);
 - prefill: `--prefill` real tokens in generate_step's 2048-token chunks, quantized from
   the first chunk (`--quantized-kv-start 0`), timed on a second pass after a warm-up one;
 - quantize: the one-off conversion of the filled 16-bit cache when decode crosses
@@ -164,6 +164,12 @@ def _delivery(patched: bool, settings: KVSettings, bits: int | str | None = None
         mlx_lm_ext.revert()
 
 
+def undo_delivery() -> None:
+    """Upstream mlx-lm and the shipped kernel choices again: a comparison setting
+    (+cuda-cores, +launch-each-step) leaves nothing behind for what runs next."""
+    _delivery(False, KVSettings())
+
+
 def _guarded(fn) -> dict[str, Any]:
     """The measurement, or the error unpatched mlx-lm (or a backend) raises."""
     mx.clear_cache()
@@ -173,7 +179,7 @@ def _guarded(fn) -> dict[str, Any]:
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
     finally:
-        mlx_lm_ext.revert()
+        undo_delivery()
 
 
 def _filled(model: Any, context: int, bits: int | None, patched: bool, others: int) -> dict[str, Any]:
@@ -196,7 +202,7 @@ def _rates(model: Any, cache: list[Any], bits: int | None, patched: bool, steps:
     try:
         return generation_rate(model, cache, steps), decode_rate(model, cache, steps)
     finally:
-        mlx_lm_ext.revert()
+        undo_delivery()
 
 
 def decode_rows(model: Any, context: int, precisions: list, steps: int, rounds: int) -> list[dict[str, Any]]:

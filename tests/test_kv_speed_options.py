@@ -38,6 +38,18 @@ def test_launch_each_step_is_8_bit_without_the_reused_launch(kv_speed):
         kv_speed.mlx_lm_ext.revert()
 
 
+def test_a_run_ending_on_a_comparison_leaves_nothing_behind(kv_speed):
+    """Each measurement ends with `undo_delivery`: after an each-step or CUDA-core setting,
+    whatever runs next in the process reuses launches and scores on tensor cores."""
+    reused = quantized_attention._block_decoder
+    for text in ("8+launch-each-step", "4+cuda-cores"):
+        bits = kv_speed.precision(text)
+        kv_speed._delivery(True, kv_speed._settings(bits), bits)
+        kv_speed.undo_delivery()
+        assert quantized_attention._block_decoder is reused and plan.FLASH_MMA is True
+        assert not kv_speed.mlx_lm_ext.applied()
+
+
 def test_cuda_cores_and_an_unknown_option(kv_speed):
     bits = kv_speed.precision("4+cuda-cores")
     try:
