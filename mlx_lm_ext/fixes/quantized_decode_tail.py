@@ -17,8 +17,8 @@ The row itself is written by the flash kernel that attends to it (`Tail.incoming
 kernels/launch.py): the update adds no op to the step. On the H200 it then took 8.6 us a
 layer to build, against 18.3 for the 16-bit cache's (two slice updates) and 19.5 when
 the tail wrote its rows the same way (benchmarks/step_segments.py). Whatever else reads
-the tail first writes the row with those two slice updates (`settle`), so a model whose attention
-never reaches the kernel still finds every row in the buffers.
+the tail first writes the row with those two slice updates (`settle`), so a model whose
+attention never reaches the kernel still finds every row in the buffers.
 
 The tail travels with the quantized rows: `update_and_fetch` returns `Pending` triples
 (the quantized rows' views) whose `tail` holds the 16-bit rows, and attention

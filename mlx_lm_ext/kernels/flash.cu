@@ -56,8 +56,9 @@
     const float* mrow = mask + (mask_shape[0] > 1 ? b * mask_strides[0] : 0) + t_begin * mask_strides[1];
     if (HAS_NEW && in_tail) {
         // This step's row into the tail first, rounded as stored; the block then reads every
-        // row from the buffers (a row read from kn and vn in the loops cost the whole kernel
-        // registers: 72 us a launch against 48 at 32K tokens on the H200).
+        // row from the buffers (reading it from kn and vn inside the loops slowed every
+        // launch, the quantized chunks' blocks too: 72.6 us against 47.9 with no row to
+        // write, at 32K tokens on the H200; benchmarks/decode_cost.py's tail rows).
         const auto* kx = kn + at(kn_strides, b, h, 0);
         const auto* vx = vn + at(vn_strides, b, h, 0);
         for (int d = threadIdx.x; d < D; d += blockDim.x) {
