@@ -368,6 +368,26 @@ def test_a_reader_after_a_launch_is_ordered_after_it(tail):
     assert "Depends" in graph.getvalue()
 
 
+def test_a_copy_never_shares_a_tail(tail):
+    """The flash launch writes rows into the tail's buffers in place, and MLX's copies
+    share an array's buffer: a copy (mlx-lm's prompt cache deep-copies its entries) gets
+    the pending rows quantized first and no tail, and the two then decode apart."""
+    k, v = _rows(200)
+    k2, v2 = _rows(200, seed=1)
+    cache = QuantizedKVCache()
+    _fill(cache, k, v, prompt=100, end=110)
+    for copied in (copy.copy(cache), copy.deepcopy(cache)):
+        assert vars(cache)["_pending"] == 0 and not set(decode_tail.TAIL_STATE) & set(vars(copied))
+        assert copied.offset == 110 and _same(copied.state[0], mx.quantize(k, 64, 8), 110)
+    other = copy.deepcopy(cache)
+    for t in range(110, 180):  # past a flush: each writes its own tail's first rows again
+        cache.update_and_fetch(k[..., t : t + 1, :], v[..., t : t + 1, :])
+        other.update_and_fetch(k2[..., t : t + 1, :], v2[..., t : t + 1, :])
+    mixed = mx.concatenate([k[..., :110, :], k2[..., 110:, :]], axis=2)
+    assert _same(cache.state[0], mx.quantize(k, 64, 8), 180)
+    assert _same(other.state[0], mx.quantize(mixed, 64, 8), 180)
+
+
 def test_a_shape_the_flash_kernel_declines_hands_the_tail_back(tail, monkeypatch):
     """No flash plan for the shape: this step dequantizes (attention over the quantized
     rows as upstream stores them and the tail's 16-bit rows) and the cache quantizes

@@ -24,9 +24,10 @@ from mlx_lm_ext.settings import KVSettings
 
 @pytest.fixture(autouse=True)
 def fixes():
+    """Every fix in force with default settings, and none left behind for the next file."""
     mlx_lm_ext.apply(KVSettings())
     yield
-    mlx_lm_ext.apply(KVSettings())
+    mlx_lm_ext.revert()
 
 
 def _kv(n: int, dim: int = 64, seed: int = 0) -> tuple[mx.array, mx.array]:

@@ -26,7 +26,10 @@ The tail travels with the quantized rows: `update_and_fetch` returns `Pending` t
 triples without the cache, see every row; the flash decode kernel reads the tail as one
 chunk more (kernels/). Every other reader of the cache (`state`, `keys`, `values`,
 `nbytes`, `trim`, batching's merge) goes through the `keys`/`values` properties, which
-quantize the pending rows first: they see upstream's layout, whole. The cache meets
+quantize the pending rows first: they see upstream's layout, whole. So does a copy
+(`copy.copy`, `copy.deepcopy`: mlx-lm's prompt cache deep-copies its entries), which
+starts without a tail, since two caches writing into one tail would overwrite each
+other's rows. The cache meets
 attention through two methods this fix adds to QuantizedKVCache: `stored_buffers()` (the
 quantized buffers as stored, no row flushed) and `decline_tail()` (back to upstream's
 per-token update, for shapes the kernel declines).
@@ -47,6 +50,7 @@ with them).
 
 from __future__ import annotations
 
+import copy
 import functools
 import weakref
 from typing import Any, NamedTuple
@@ -360,6 +364,29 @@ def leave_tail(copied: Any) -> None:
         vars(copied).pop(name, None)
 
 
+def copy_cache(self) -> Any:
+    """copy.copy of a cache: its pending rows quantized first, and no tail in the copy.
+    The flash launch writes rows into the tail's buffers in place, and MLX's copies
+    share an array's buffer, so two caches must never hold the same tail (mlx-lm's
+    prompt cache hands out deep copies of its entries; a copy decodes into a tail of its
+    own)."""
+    return _copied(self, dict)
+
+
+def deepcopy_cache(self, memo: dict) -> Any:
+    """copy.deepcopy of a cache, as `copy_cache` (the rest deep-copied with `memo`)."""
+    return _copied(self, lambda state: copy.deepcopy(state, memo), memo)
+
+
+def _copied(cache: Any, copy_state: Any, memo: dict | None = None) -> Any:
+    flush(cache)
+    out = type(cache).__new__(type(cache))
+    if memo is not None:
+        memo[id(cache)] = out
+    vars(out).update(copy_state({k: v for k, v in vars(cache).items() if k not in TAIL_STATE}))
+    return out
+
+
 def flush_all() -> None:
     """Quantize every live cache's pending rows (before the patch is undone)."""
     for cache in list(FIX.state.get("live", ())):
@@ -407,6 +434,8 @@ class QuantizedDecodeTail(Fix):
             patcher.set(cls, "trim", trim)
             patcher.set(cls, "stored_buffers", stored_buffers)
             patcher.set(cls, "decline_tail", decline_tail)
+            patcher.set(cls, "__copy__", copy_cache)
+            patcher.set(cls, "__deepcopy__", deepcopy_cache)
         if isinstance(vars(QuantizedKVCache).get("nbytes"), property):
             patcher.set(QuantizedKVCache, "nbytes", property(nbytes))
         patcher.set(BatchQuantizedKVCache, "nbytes", property(nbytes))
