@@ -40,11 +40,12 @@ from statistics import median
 from typing import Any, NamedTuple
 
 import mlx.core as mx
-from kv_speed import GROUP, load_model, model_parser
+from decode_cost import step_times
+from kv_speed import GROUP, _settings, load_model, model_parser
 from results_io import emit, header, title
 
 import mlx_lm_ext
-from mlx_lm_ext.report.measure import filled_cache, no_gc
+from mlx_lm_ext.report.measure import filled_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 SEGMENTS = ("update", "attention call", "attention rest", "mlp")
@@ -119,17 +120,9 @@ def hooks(model: Any, cache: list[Any]) -> Iterator[dict[str, list[float]]]:
 
 
 def block(model: Any, cache: list[Any], steps: int) -> dict[str, list[float]]:
-    """`steps` decode steps, timed: per-call seconds of each segment, build and eval."""
-    token = mx.array([[7]])
-    build, run = [], []
-    with hooks(model, cache) as times, no_gc():
-        for _ in range(steps):
-            tic = time.perf_counter()
-            out = model(token, cache=cache)
-            mid = time.perf_counter()
-            mx.eval(out)
-            build.append(mid - tic)
-            run.append(time.perf_counter() - mid)
+    """`steps` decode steps, timed: per-call seconds of each segment, build and eval ms."""
+    with hooks(model, cache) as times:
+        build, run = step_times(model, cache, steps)
     parts = zip(times.pop("block"), times["update"], times["attention call"], strict=True)
     return {**times, "attention rest": [b - u - a for b, u, a in parts], "build": build, "eval": run}
 
@@ -140,8 +133,7 @@ def measure(model: Any, context: int, rows: list[Setting], libraries: list, args
     caches, token = {}, mx.array([[7]])
     for setting in rows:
         use(setting, libraries)
-        kv = mlx_lm_ext.KVSettings(kv_bits=setting.bits, kv_group_size=GROUP, quantized_kv_start=0)
-        caches[setting.label] = cache = filled_cache(model, context, kv)
+        caches[setting.label] = cache = filled_cache(model, context, _settings(setting.bits))
         for _ in range(args.warmup):  # kernels compiled, decode tails made and flushed once
             mx.eval(model(token, cache=cache))
     samples: dict[str, dict[str, list[float]]] = {s.label: {} for s in rows}
@@ -158,7 +150,7 @@ def measure(model: Any, context: int, rows: list[Setting], libraries: list, args
 def _row(context: int, setting: Setting, samples: dict[str, list[float]]) -> dict[str, Any]:
     row = {"context": context, "setting": setting.label, "bits": setting.bits}
     row.update({f"{name}_us": median(samples[name]) * 1e6 for name in SEGMENTS})
-    row.update(build_ms=median(samples["build"]) * 1e3, eval_ms=median(samples["eval"]) * 1e3)
+    row.update(build_ms=median(samples["build"]), eval_ms=median(samples["eval"]))
     return row
 
 
