@@ -12,19 +12,26 @@ in the same process, on unpatched mlx-lm (every fix reverted) and patched
 
 - bytes: the cache's arrays at `context` tokens (`measure.filled_cache`), against 16-bit
   and against the affine limit (bits/8 + two 16-bit values per group, over 2 bytes);
-- decode: tok/s on that cache against unpatched 16-bit, the median of `--rounds` blocks
-  of `--steps` tokens, the settings taking turns block by block (all caches are filled
-  first, so a host whose speed drifts slows every setting alike), two ways:
-  `generate tok/s` through mlx-lm's own `generate_step` (the next step's graph is
-  built while the device runs the current one, as in `mlx_lm.generate` and the server:
-  what users get) and `step tok/s`, each step evaluated before the next is built
-  (dispatch and kernels add up, so it also shows what a path costs in ops); each ratio
-  to unpatched 16-bit is taken within a round and given as the median over rounds, its
-  95% bootstrap interval and the range (patched 16-bit, the same code path, shows how
-  far the method can be trusted). To rank settings, `--steps 256`: every block then
-  holds one growth of each cache's buffers and four flushes of a quantized decode tail
-  (on the H200 the same 16-bit path then measured 0.97-1.05 of itself at 32K on one
-  lease, 0.92-1.13 on a noisier one: benchmarks/README.md);
+- decode: tok/s on that cache against unpatched 16-bit over `--rounds` rounds, the
+  settings taking turns block by block (all caches are filled first, so a host whose
+  speed drifts slows every setting alike; every other round in reverse order), each
+  cache cut back to the context after its block where it can trim (rows say
+  `cut_back`), two ways of `--steps` tokens each:
+  - generate: through mlx-lm's own `generate_step` (the next step's graph is built
+    while the device runs the current one, as in `mlx_lm.generate` and the server:
+    what users get);
+  - step: each step evaluated before the next is built (dispatch and kernels add up,
+    so it also shows what a path costs in ops).
+  Each way's tokens are timed one by one, and its ratio to unpatched 16-bit is given
+  settled (`measure.settled_rate`: per position in the block, the lower quartile over
+  rounds; 95% interval from resampling rounds) and by block (each round's ratio: the
+  median, its 95% bootstrap interval and the range). Settled ranks where block means
+  cannot: on this 2-core CPU under `host_load.py` the same 16-bit path read 0.98
+  [0.96-1.04] of itself settled and 1.00 [0.93-1.31] by block (benchmarks/README.md).
+  Patched 16-bit, the same code path, shows what the method resolves. To rank
+  settings, `--steps 256`: every block then holds four flushes of a quantized decode
+  tail. Rows keep each block's token times at 10/50/90% and the slowest
+  (`gen_token_ms`, `step_token_ms`): a drifting host moves the middle, a stall the top;
 - prefill: `--prefill` real tokens in generate_step's 2048-token chunks, quantized from
   the first chunk (`--quantized-kv-start 0`), timed on a second pass after a warm-up one;
 - quantize: the one-off conversion of the filled 16-bit cache when decode crosses
@@ -48,19 +55,23 @@ import mlx_lm_ext
 from mlx_lm_ext.fixes import quantized_attention
 from mlx_lm_ext.kernels import launch, plan
 from mlx_lm_ext.report.measure import (
+    attention_layers,
     bootstrap_interval,
-    decode_rate,
+    decode_times,
     filled_cache,
     generation_rate,
+    generation_times,
     interleaved,
     prefill,
     quantize,
+    settled_rate,
 )
 from mlx_lm_ext.report.memory import parse_widths
 from mlx_lm_ext.report.quality import cache_nbytes
 from mlx_lm_ext.settings import KVSettings
 
 GROUP = 64
+WARMUP = 2  # generate tokens each block runs before its timed ones
 
 
 def load_model(model: str | None, config: Path | None) -> tuple[str, Any]:
@@ -197,12 +208,35 @@ def _filled(model: Any, context: int, bits: int | None, patched: bool, others: i
     return _guarded(fill)
 
 
-def _rates(model: Any, cache: list[Any], bits: int | None, patched: bool, steps: int) -> tuple[float, float]:
+WAYS = {"gen": "gen_tok_s", "step": "tok_s"}  # generate_step's tokens, evaluated steps: their rate keys
+
+
+def _rates(model: Any, cache: list[Any], bits: int | None, patched: bool, steps: int) -> tuple[dict, bool]:
+    """A block of each way (WAYS), each token's seconds; then the cache is cut back to its
+    length before them where every layer can be (`_cut_back`)."""
     _delivery(patched, _settings(bits), bits)
     try:
-        return generation_rate(model, cache, steps), decode_rate(model, cache, steps)
+        start = attention_layers(cache)[0].offset
+        blocks = {
+            "gen": generation_times(model, cache, steps, WARMUP),
+            "step": decode_times(model, cache, steps),
+        }
+        return blocks, _cut_back(cache, start)
     finally:
         undo_delivery()
+
+
+def _cut_back(cache: list[Any], length: int) -> bool:
+    """Trim the cache back to `length` tokens, so every round decodes at the context the
+    row names: uncut, 11 rounds of 256-token blocks took a 4K cache past 10K, and the
+    rounds slowed in turn (2.2x from first to last on this CPU). False where a layer
+    cannot trim (a ring that has wrapped, recurrent state): that cache grows as it decodes."""
+    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+    if not can_trim_prompt_cache(cache):
+        return False
+    trim_prompt_cache(cache, attention_layers(cache)[0].offset - length)
+    return True
 
 
 def decode_rows(model: Any, context: int, precisions: list, steps: int, rounds: int) -> list[dict[str, Any]]:
@@ -221,9 +255,30 @@ def decode_rows(model: Any, context: int, precisions: list, steps: int, rounds: 
         i: partial(_rates, model, c, rows[i]["bits"], rows[i]["patched"], steps) for i, c in caches.items()
     }
     for i, rates in interleaved(turns, rounds).items():
-        gen, step = zip(*rates, strict=True)
-        rows[i].update(gen_tok_s=median(gen), tok_s=median(step), gen_rounds=gen, step_rounds=step)
+        blocks, cut = zip(*rates, strict=True)
+        rows[i]["cut_back"] = all(cut)
+        rows[i]["blocks"] = {way: [b[way] for b in blocks] for way in WAYS}  # for ratios; not written out
+        for way, key in WAYS.items():
+            rows[i].update(_way(way, key, rows[i]["blocks"][way]))
     return rows  # the caches go with this frame; the next _guarded clears MLX's buffer cache
+
+
+def _way(way: str, key: str, blocks: list[list[float]]) -> dict[str, Any]:
+    """One way's figures: each round's block rate and their median, the settled rate and
+    each block's token times at 10/50/90% and the slowest (a drift moves the middle, a
+    stall only the top)."""
+    rates = [len(times) / sum(times) for times in blocks]
+    return {
+        key: median(rates),
+        f"{way}_rounds": rates,
+        f"{way}_settled_tok_s": settled_rate(blocks),
+        f"{way}_token_ms": [[round(t * 1e3, 3) for t in _quantiles(times)] for times in blocks],
+    }
+
+
+def _quantiles(times: list[float]) -> list[float]:
+    ordered = sorted(times)
+    return [ordered[int(q * (len(ordered) - 1))] for q in (0.1, 0.5, 0.9, 1.0)]
 
 
 def prefill_row(model: Any, tokens: int, bits: int | None, patched: bool) -> dict[str, Any]:
@@ -249,6 +304,22 @@ def quantize_row(model: Any, context: int, bits: int) -> dict[str, Any]:
         return {"convert_ms": (time.perf_counter() - tic) * 1e3}
 
     return _guarded(measure)
+
+
+def _settled_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each setting's settled rates over unpatched 16-bit's, each with a 95% interval from
+    resampling rounds (the two settings' blocks of a round drawn together)."""
+    blocks = {i: r.pop("blocks") for i, r in enumerate(rows) if "blocks" in r}
+    base = blocks.get(0) if rows and rows[0]["bits"] is None and not rows[0]["patched"] else None
+    for i, way in ((i, way) for i in blocks if base is not None for way in WAYS):
+        pairs = list(zip(blocks[i][way], base[way], strict=True))
+        rows[i][f"x_{way}_settled_tok_s"] = _settled_ratio(pairs)
+        rows[i][f"x_{way}_settled_tok_s_ci"] = list(bootstrap_interval(pairs, _settled_ratio, draws=400))
+
+
+def _settled_ratio(pairs: list[tuple[Any, Any]]) -> float:
+    mine, theirs = zip(*pairs, strict=True)
+    return settled_rate(mine) / settled_rate(theirs)
 
 
 def _ratios(rows: list[dict[str, Any]], key: str) -> None:
@@ -280,11 +351,12 @@ def run(
     precisions = [None, *bits]
     for context in contexts:
         group = decode_rows(model, context, precisions, steps, rounds)
-        for row in group:
-            print(json.dumps(row), flush=True)
         _ratios(group, "kv_bytes")
         _round_ratios(group, "gen_tok_s", "gen_rounds")
         _round_ratios(group, "tok_s", "step_rounds")
+        _settled_ratios(group)
+        for row in group:
+            print(json.dumps(row), flush=True)
         rows += group
         for b in bits:
             row = {"kind": "quantize", "context": context, "bits": b, "patched": True}
@@ -314,19 +386,20 @@ def _cell(r: dict, key: str, fmt: str) -> str:
 
 def _spread(r: dict, key: str) -> str:
     """`0.98 [0.96-1.00] (0.90-1.07)`: the median ratio over rounds, its 95% interval
-    and its range."""
+    and its range (each where the row has it)."""
     if f"x_{key}" not in r:
         return "n/a"
-    low, high = r.get(f"x_{key}_range", (r[f"x_{key}"],) * 2)
-    ci = "[{:.2f}-{:.2f}] ".format(*r[f"x_{key}_ci"]) if f"x_{key}_ci" in r else ""
-    return f"{r[f'x_{key}']:.2f} {ci}({low:.2f}-{high:.2f})"
+    ci = " [{:.2f}-{:.2f}]".format(*r[f"x_{key}_ci"]) if f"x_{key}_ci" in r else ""
+    spread = " ({:.2f}-{:.2f})".format(*r[f"x_{key}_range"]) if f"x_{key}_range" in r else ""
+    return f"{r[f'x_{key}']:.2f}{ci}{spread}"
 
 
 def _decode_cells(r: dict) -> str:
     return (
         f"{r['kv_bytes'] / 2**20:.1f} | {_cell(r, 'x_kv_bytes', '.3f')} ({r['affine_limit']:.3f}) | "
-        f"{r['gen_tok_s']:.1f} | {_spread(r, 'gen_tok_s')} | "
-        f"{r['tok_s']:.1f} | {_spread(r, 'tok_s')} | {r['peak_bytes'] / 2**20:.0f}"
+        f"{r['gen_tok_s']:.1f} | {_spread(r, 'gen_settled_tok_s')} | {_spread(r, 'gen_tok_s')} | "
+        f"{r['tok_s']:.1f} | {_spread(r, 'step_settled_tok_s')} | {_spread(r, 'tok_s')} | "
+        f"{r['peak_bytes'] / 2**20:.0f}"
     )
 
 
@@ -350,11 +423,11 @@ def markdown(result: dict[str, Any]) -> str:
         head,
         "",
         "| context | KV | mlx-lm | KV MiB | x 16-bit (affine limit) | generate tok/s "
-        "| x unpatched 16-bit, median [95% interval] (range) of rounds | step tok/s "
-        "| x unpatched 16-bit, median [95% interval] (range) | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| x unpatched 16-bit, settled [95% interval] | by block: median [95% interval] (range) of rounds "
+        "| step tok/s | x unpatched 16-bit, settled | by block | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += _section(result["rows"], "decode", 7, _decode_cells)
+    lines += _section(result["rows"], "decode", 9, _decode_cells)
     lines += [
         "",
         "| prefill tokens | KV | mlx-lm | prefill tok/s | x unpatched 16-bit |",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from statistics import median
 
+import pytest
 from mlx_lm import load
 
 from mlx_lm_ext.report.measure import (
@@ -13,6 +14,7 @@ from mlx_lm_ext.report.measure import (
     filled_cache,
     generation_rate,
     interleaved,
+    settled_rate,
 )
 from mlx_lm_ext.settings import KVSettings
 from mlx_lm_ext.zoo import get_entry, resolve
@@ -32,12 +34,33 @@ def test_generation_rate_runs_mlx_lms_own_loop_on_the_given_cache():
 
 
 def test_interleaved_takes_turns_round_by_round():
-    """A-B-C, A-B-C, ...: each setting sees the same stretch of the run, not its own."""
+    """A-B-C, C-B-A, A-B-C: each setting sees the same stretch of the run, not its own,
+    and over two rounds the same mean place in them."""
     calls = []
     measures = {key: (lambda key=key: calls.append(key) or len(calls)) for key in "abc"}
     results = interleaved(measures, rounds=3)
-    assert calls == list("abcabcabc")
-    assert results == {"a": [1, 4, 7], "b": [2, 5, 8], "c": [3, 6, 9]}
+    assert calls == list("abccbaabc")
+    assert results == {"a": [1, 6, 7], "b": [2, 5, 8], "c": [3, 4, 9]}
+
+
+def test_settled_rate_drops_the_hosts_stalls_and_keeps_the_settings_own():
+    """Blocks of 8 tokens, every 4th slow by the setting's own work (a flush): the settled
+    rate is the block's true rate, also when a stall of the host hits a different stretch
+    of each of 2 rounds in 7 (a block mean there reads under half); a setting 10% faster
+    reads 10% faster under the same stalls."""
+    own = [0.01, 0.01, 0.01, 0.04] * 2
+    true_rate = len(own) / sum(own)
+    rounds = [list(own) for _ in range(7)]
+    for r, stretch in ((1, range(0, 5)), (4, range(3, 8))):
+        for k in stretch:
+            rounds[r][k] *= 3
+    assert settled_rate([own] * 5) == pytest.approx(true_rate)
+    assert settled_rate(rounds) == pytest.approx(true_rate)
+    assert len(rounds[1]) / sum(rounds[1]) < 0.5 * true_rate
+    faster = [[t / 1.1 for t in block] for block in rounds]
+    assert settled_rate(faster) / settled_rate(rounds) == pytest.approx(1.1)
+    with pytest.raises(ValueError):
+        settled_rate([own, own[:-1]])  # blocks of unequal length are not one position each
 
 
 def test_bootstrap_interval_holds_the_statistic_and_narrows_with_rounds():

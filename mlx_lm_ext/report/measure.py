@@ -110,29 +110,47 @@ def generation_rate(model: Any, cache: list[Any], steps: int = 32, warmup: int =
     as `mlx_lm.generate` and the server do, so the cost of dispatching ops overlaps the
     kernels instead of adding to them as in `decode_rate`.
     """
+    return steps / sum(generation_times(model, cache, steps, warmup))
+
+
+def generation_times(model: Any, cache: list[Any], steps: int = 32, warmup: int = 2) -> list[float]:
+    """Seconds from each token `generate_step` yields to the next, `steps` of them after
+    `warmup` tokens (what `settled_rate` reads)."""
     from mlx_lm.generate import generate_step
 
+    times = []
     with no_gc():
         tic = time.perf_counter()
         for n, _ in enumerate(
             generate_step(mx.array([7]), model, max_tokens=steps + warmup, prompt_cache=cache)
         ):
-            if n + 1 == warmup:
-                tic = time.perf_counter()
-        return steps / (time.perf_counter() - tic)
+            toc = time.perf_counter()
+            if n >= warmup:
+                times.append(toc - tic)
+            tic = toc
+    return times
 
 
 def decode_rate(model: Any, cache: list[Any], steps: int = 32, warmup: int = 2) -> float:
     """Tokens per second of one-token decode steps through the model on this cache, each
     evaluated before the next is built (dispatch and kernels add up)."""
+    return steps / sum(decode_times(model, cache, steps, warmup))
+
+
+def decode_times(model: Any, cache: list[Any], steps: int = 32, warmup: int = 2) -> list[float]:
+    """Seconds of each of `steps` decode steps as `decode_rate` runs them (for `settled_rate`)."""
     token = mx.array([[7]])
     for _ in range(warmup):
         mx.eval(model(token, cache=cache))
+    times = []
     with no_gc():
         tic = time.perf_counter()
         for _ in range(steps):
             mx.eval(model(token, cache=cache))
-        return steps / (time.perf_counter() - tic)
+            toc = time.perf_counter()
+            times.append(toc - tic)
+            tic = toc
+    return times
 
 
 @contextlib.contextmanager
@@ -159,14 +177,39 @@ def bootstrap_interval(
 
 
 def interleaved(measures: dict[Any, Callable[[], Any]], rounds: int) -> dict[Any, list[Any]]:
-    """Every measurement `rounds` times, taking turns (all once, then all again, ...).
+    """Every measurement `rounds` times, taking turns (all once, then all again in the
+    reverse order, ...).
 
     On a shared host the same 16-bit decode ranged 69-122 tok/s within one process (H100
     machine, 32K tokens); measuring settings one after another lets that drift pass for a
     difference between them, while turns spread it over all of them alike (take medians).
+    Reversing every other round gives each setting the same mean place in a round, so a
+    drift within rounds favours none.
     """
     results: dict[Any, list[Any]] = {key: [] for key in measures}
-    for _ in range(rounds):
-        for key, measure in measures.items():
-            results[key].append(measure())
+    for r in range(rounds):
+        for key in list(measures)[:: -1 if r % 2 else 1]:
+            results[key].append(measures[key]())
     return results
+
+
+def settled_rate(blocks: Sequence[Sequence[float]], quantile: float = 0.25) -> float:
+    """Tokens per second of a decode as a quiet host runs it, from blocks of per-token
+    seconds that each start from the same cache (kv_speed cuts it back after a block).
+
+    A host that other work slows (a shared machine's neighbours, 2 busy processes on this
+    2-core CPU) slows stretches of tokens, and a block's mean carries whatever happened
+    meanwhile. A low quantile of all tokens would drop the slow ones a setting causes
+    itself (a decode tail's flush every 64 tokens, a buffer grown every 256). So the
+    quantile is taken per token position over the blocks, and the rate is the block's
+    length over the sum of those: every position's own cost counts once, at a time most
+    rounds reached.
+    """
+    positions = zip(*blocks, strict=True)
+    times = [_quantile(list(p), quantile) for p in positions]
+    return len(times) / sum(times)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))]
