@@ -10,7 +10,8 @@ the backend (on MLX's CUDA backend ~7-10 us an op) while the kernels run (eval).
 two parts, per setting, on a cache filled to the context as kv_speed.py fills it:
 
 - step: build and eval milliseconds (medians over `--rounds` turns of `--steps` steps,
-  the settings taking turns, the garbage collector off while timed) and the primitives in
+  the settings taking turns, the garbage collector off while timed, each cache cut back
+  to the context after its turn) and the primitives in
   one step's graph by kind (mx.export_to_dot), for unpatched 16-bit and patched
   quantized (`--bits` as kv_speed.py's: `8+launch-each-step` makes the flash launch every
   step, not once a tail's block); per layer, each against 16-bit;
@@ -43,7 +44,7 @@ from results_io import emit, header, title
 
 from mlx_lm_ext import kernels
 from mlx_lm_ext.kernels import launch, plan
-from mlx_lm_ext.report.measure import attention_layers, filled_cache, no_gc
+from mlx_lm_ext.report.measure import attention_layers, cut_back, filled_cache, no_gc
 
 GROUP = 64
 
@@ -66,9 +67,11 @@ def step_ops(model: Any, cache: list[Any], warmup: int = 4) -> Counter:
 
 
 def step_times(model: Any, cache: list[Any], steps: int) -> tuple[list[float], list[float]]:
-    """Build and eval milliseconds of `steps` one-token steps."""
+    """Build and eval milliseconds of `steps` one-token steps; then the cache is cut back
+    to its length before them (`measure.cut_back`: every round at one context)."""
     token = mx.array([[7]])
     build, run = [], []
+    start = attention_layers(cache)[0].offset
     with no_gc():
         for _ in range(steps):
             tic = time.perf_counter()
@@ -77,6 +80,7 @@ def step_times(model: Any, cache: list[Any], steps: int) -> tuple[list[float], l
             mx.eval(out)
             build.append((mid - tic) * 1e3)
             run.append((time.perf_counter() - mid) * 1e3)
+    cut_back(cache, start)
     return build, run
 
 

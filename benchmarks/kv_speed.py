@@ -57,6 +57,7 @@ from mlx_lm_ext.kernels import launch, plan
 from mlx_lm_ext.report.measure import (
     attention_layers,
     bootstrap_interval,
+    cut_back,
     decode_times,
     filled_cache,
     generation_rate,
@@ -213,7 +214,7 @@ WAYS = {"gen": "gen_tok_s", "step": "tok_s"}  # generate_step's tokens, evaluate
 
 def _rates(model: Any, cache: list[Any], bits: int | None, patched: bool, steps: int) -> tuple[dict, bool]:
     """A block of each way (WAYS), each token's seconds; then the cache is cut back to its
-    length before them where every layer can be (`_cut_back`)."""
+    length before them where every layer can be (`measure.cut_back`)."""
     _delivery(patched, _settings(bits), bits)
     try:
         start = attention_layers(cache)[0].offset
@@ -221,22 +222,9 @@ def _rates(model: Any, cache: list[Any], bits: int | None, patched: bool, steps:
             "gen": generation_times(model, cache, steps, WARMUP),
             "step": decode_times(model, cache, steps),
         }
-        return blocks, _cut_back(cache, start)
+        return blocks, cut_back(cache, start)
     finally:
         undo_delivery()
-
-
-def _cut_back(cache: list[Any], length: int) -> bool:
-    """Trim the cache back to `length` tokens, so every round decodes at the context the
-    row names: uncut, 11 rounds of 256-token blocks took a 4K cache past 10K, and the
-    rounds slowed in turn (2.2x from first to last on this CPU). False where a layer
-    cannot trim (a ring that has wrapped, recurrent state): that cache grows as it decodes."""
-    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
-    if not can_trim_prompt_cache(cache):
-        return False
-    trim_prompt_cache(cache, attention_layers(cache)[0].offset - length)
-    return True
 
 
 def decode_rows(model: Any, context: int, precisions: list, steps: int, rounds: int) -> list[dict[str, Any]]:

@@ -8,7 +8,8 @@ A decode step is host time first (decode_cost.py says how much); this says where
 layer it goes. Each setting (unpatched 16-bit, patched 16-bit, each of `--bits` patched,
 and with `--against REV` each of `--bits` patched by the library at that git revision)
 decodes on its own cache, filled as kv_speed.py fills it, the settings taking turns
-`--steps` steps at a time for `--rounds` rounds with the collector off. Medians of:
+`--steps` steps at a time for `--rounds` rounds with the collector off (each cache cut
+back to the context after its turn). Medians of:
 
 - per layer, us to build: the cache's update (`update_and_fetch`), the attention call
   (the model module's `scaled_dot_product_attention`), the rest of the attention block

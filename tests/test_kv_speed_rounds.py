@@ -8,7 +8,7 @@ from benchmark_scripts import BENCHMARKS, load
 from mlx_lm.models.cache import RotatingKVCache
 
 import mlx_lm_ext
-from mlx_lm_ext.report.measure import attention_layers
+from mlx_lm_ext.report.measure import attention_layers, cut_back
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_a_wrapped_ring_is_left_to_grow(kv_speed):
 
     ring = RotatingKVCache(max_size=8, keep=0)
     ring.update_and_fetch(mx.zeros((1, 1, 12, 4)), mx.zeros((1, 1, 12, 4)))
-    assert kv_speed._cut_back([ring], 4) is False and ring.offset == 12
+    assert cut_back([ring], 4) is False and ring.offset == 12
 
 
 def test_rows_carry_the_settled_rate_beside_the_block_means(kv_speed, model):
