@@ -64,6 +64,7 @@ from mlx_lm_ext.report.measure import (
     generation_times,
     interleaved,
     prefill,
+    quantile_of,
     quantize,
     settled_rate,
 )
@@ -260,13 +261,10 @@ def _way(way: str, key: str, blocks: list[list[float]]) -> dict[str, Any]:
         key: median(rates),
         f"{way}_rounds": rates,
         f"{way}_settled_tok_s": settled_rate(blocks),
-        f"{way}_token_ms": [[round(t * 1e3, 3) for t in _quantiles(times)] for times in blocks],
+        f"{way}_token_ms": [
+            [round(quantile_of(t, q) * 1e3, 3) for q in (0.1, 0.5, 0.9, 1.0)] for t in blocks
+        ],
     }
-
-
-def _quantiles(times: list[float]) -> list[float]:
-    ordered = sorted(times)
-    return [ordered[int(q * (len(ordered) - 1))] for q in (0.1, 0.5, 0.9, 1.0)]
 
 
 def prefill_row(model: Any, tokens: int, bits: int | None, patched: bool) -> dict[str, Any]:

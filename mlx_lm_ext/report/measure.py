@@ -15,7 +15,7 @@ import gc
 import importlib
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -118,17 +118,8 @@ def generation_times(model: Any, cache: list[Any], steps: int = 32, warmup: int 
     `warmup` tokens (what `settled_rate` reads)."""
     from mlx_lm.generate import generate_step
 
-    times = []
-    with no_gc():
-        tic = time.perf_counter()
-        for n, _ in enumerate(
-            generate_step(mx.array([7]), model, max_tokens=steps + warmup, prompt_cache=cache)
-        ):
-            toc = time.perf_counter()
-            if n >= warmup:
-                times.append(toc - tic)
-            tic = toc
-    return times
+    tokens = generate_step(mx.array([7]), model, max_tokens=steps + warmup, prompt_cache=cache)
+    return _intervals(tokens, skip=warmup)
 
 
 def decode_rate(model: Any, cache: list[Any], steps: int = 32, warmup: int = 2) -> float:
@@ -142,13 +133,19 @@ def decode_times(model: Any, cache: list[Any], steps: int = 32, warmup: int = 2)
     token = mx.array([[7]])
     for _ in range(warmup):
         mx.eval(model(token, cache=cache))
+    return _intervals(mx.eval(model(token, cache=cache)) for _ in range(steps))
+
+
+def _intervals(events: Iterable[Any], skip: int = 0) -> list[float]:
+    """Seconds from each item `events` yields to the next (the first from the start),
+    the first `skip` left out, with the cyclic collector off."""
     times = []
     with no_gc():
         tic = time.perf_counter()
-        for _ in range(steps):
-            mx.eval(model(token, cache=cache))
+        for n, _ in enumerate(events):
             toc = time.perf_counter()
-            times.append(toc - tic)
+            if n >= skip:
+                times.append(toc - tic)
             tic = toc
     return times
 
@@ -216,14 +213,14 @@ def settled_rate(blocks: Sequence[Sequence[float]], quantile: float = 0.25) -> f
     meanwhile. A low quantile of all tokens would drop the slow ones a setting causes
     itself (a decode tail's flush every 64 tokens, a buffer grown every 256). So the
     quantile is taken per token position over the blocks, and the rate is the block's
-    length over the sum of those: every position's own cost counts once, at a time most
-    rounds reached.
+    length over the sum of those: every position's own cost counts once, at the time a
+    quarter of the rounds reached.
     """
-    positions = zip(*blocks, strict=True)
-    times = [_quantile(list(p), quantile) for p in positions]
+    times = [quantile_of(position, quantile) for position in zip(*blocks, strict=True)]
     return len(times) / sum(times)
 
 
-def _quantile(values: list[float], q: float) -> float:
+def quantile_of(values: Sequence[float], q: float) -> float:
+    """The value at fraction `q` of the sorted values (no interpolation: one of them)."""
     ordered = sorted(values)
     return ordered[int(q * (len(ordered) - 1))]
