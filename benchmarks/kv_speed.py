@@ -324,10 +324,16 @@ def _round_ratios(rows: list[dict[str, Any]], key: str, rounds: str) -> None:
     base = next((r for r in rows if r["bits"] is None and not r["patched"] and rounds in r), None)
     for r in rows:
         if base and rounds in r:
-            ratios = [a / b for a, b in zip(r[rounds], base[rounds], strict=True)]
-            r[f"x_{key}"] = median(ratios)
-            r[f"x_{key}_range"] = [min(ratios), max(ratios)]
-            r[f"x_{key}_ci"] = list(bootstrap_interval(ratios, median))
+            r.update(round_ratios(f"x_{key}", r[rounds], base[rounds]))
+
+
+def round_ratios(name: str, values: list[float], base: list[float]) -> dict[str, Any]:
+    """Each round's value over the base's in the same round: `name` is their median,
+    `name_ci` its 95% bootstrap interval and `name_range` their range (`spread` shows
+    the three)."""
+    ratios = [a / b for a, b in zip(values, base, strict=True)]
+    interval = list(bootstrap_interval(ratios, median))
+    return {name: median(ratios), f"{name}_ci": interval, f"{name}_range": [min(ratios), max(ratios)]}
 
 
 def run(
@@ -370,7 +376,7 @@ def _cell(r: dict, key: str, fmt: str) -> str:
     return format(r[key], fmt) if key in r else "n/a"
 
 
-def _spread(r: dict, key: str) -> str:
+def spread(r: dict, key: str) -> str:
     """`0.98 [0.96-1.00] (0.90-1.07)`: the median ratio over rounds, its 95% interval
     and its range (each where the row has it)."""
     if f"x_{key}" not in r:
@@ -383,8 +389,8 @@ def _spread(r: dict, key: str) -> str:
 def _decode_cells(r: dict) -> str:
     return (
         f"{r['kv_bytes'] / 2**20:.1f} | {_cell(r, 'x_kv_bytes', '.3f')} ({r['affine_limit']:.3f}) | "
-        f"{r['gen_tok_s']:.1f} | {_spread(r, 'gen_settled_tok_s')} | {_spread(r, 'gen_tok_s')} | "
-        f"{r['tok_s']:.1f} | {_spread(r, 'step_settled_tok_s')} | {_spread(r, 'tok_s')} | "
+        f"{r['gen_tok_s']:.1f} | {spread(r, 'gen_settled_tok_s')} | {spread(r, 'gen_tok_s')} | "
+        f"{r['tok_s']:.1f} | {spread(r, 'step_settled_tok_s')} | {spread(r, 'tok_s')} | "
         f"{r['peak_bytes'] / 2**20:.0f}"
     )
 
