@@ -119,8 +119,8 @@ def run(
     rows = [_row(name, runs) for name, runs in interleaved(turns, rounds).items()]
     by = {r["mode"]: r for r in rows}
     kv = by["batched kv"]
-    kv.update(round_ratios("x_sequential", kv["tok_s_rounds"], by["sequential kv"]["tok_s_rounds"]))
-    kv.update(round_ratios("x_fp16_batched", kv["tok_s_rounds"], by["batched fp16"]["tok_s_rounds"]))
+    kv.update(round_ratios("sequential", kv["tok_s_rounds"], by["sequential kv"]["tok_s_rounds"]))
+    kv.update(round_ratios("fp16_batched", kv["tok_s_rounds"], by["batched fp16"]["tok_s_rounds"]))
     kv["peak_vs_fp16_batched"] = round(kv["peak_bytes"] / by["batched fp16"]["peak_bytes"], 3)
     if kv["cache_bytes"] and by["batched fp16"]["cache_bytes"]:
         kv["cache_vs_fp16_batched"] = round(kv["cache_bytes"] / by["batched fp16"]["cache_bytes"], 3)

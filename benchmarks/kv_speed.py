@@ -324,14 +324,15 @@ def _round_ratios(rows: list[dict[str, Any]], key: str, rounds: str) -> None:
     base = next((r for r in rows if r["bits"] is None and not r["patched"] and rounds in r), None)
     for r in rows:
         if base and rounds in r:
-            r.update(round_ratios(f"x_{key}", r[rounds], base[rounds]))
+            r.update(round_ratios(key, r[rounds], base[rounds]))
 
 
-def round_ratios(name: str, values: list[float], base: list[float]) -> dict[str, Any]:
-    """Each round's value over the base's in the same round: `name` is their median,
-    `name_ci` its 95% bootstrap interval and `name_range` their range (`spread` shows
-    the three)."""
+def round_ratios(key: str, values: list[float], base: list[float]) -> dict[str, Any]:
+    """Each round's value over the base's in the same round: `x_{key}` is their median,
+    `x_{key}_ci` its 95% bootstrap interval and `x_{key}_range` their range (what
+    `spread(row, key)` shows)."""
     ratios = [a / b for a, b in zip(values, base, strict=True)]
+    name = f"x_{key}"
     interval = list(bootstrap_interval(ratios, median))
     return {name: median(ratios), f"{name}_ci": interval, f"{name}_range": [min(ratios), max(ratios)]}
 
