@@ -44,7 +44,7 @@ from results_io import emit, header, title
 
 from mlx_lm_ext import kernels
 from mlx_lm_ext.kernels import launch, plan
-from mlx_lm_ext.report.measure import attention_layers, cut_back, filled_cache, no_gc
+from mlx_lm_ext.report.measure import attention_layers, cut_back, filled_cache, no_gc, offsets
 
 GROUP = 64
 
@@ -71,7 +71,7 @@ def step_times(model: Any, cache: list[Any], steps: int) -> tuple[list[float], l
     to its length before them (`measure.cut_back`: every round at one context)."""
     token = mx.array([[7]])
     build, run = [], []
-    start = attention_layers(cache)[0].offset
+    marks = offsets(cache)
     with no_gc():
         for _ in range(steps):
             tic = time.perf_counter()
@@ -80,7 +80,7 @@ def step_times(model: Any, cache: list[Any], steps: int) -> tuple[list[float], l
             mx.eval(out)
             build.append((mid - tic) * 1e3)
             run.append((time.perf_counter() - mid) * 1e3)
-    cut_back(cache, start)
+    cut_back(cache, marks)
     return build, run
 
 

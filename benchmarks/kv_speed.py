@@ -15,8 +15,9 @@ in the same process, on unpatched mlx-lm (every fix reverted) and patched
 - decode: tok/s on that cache against unpatched 16-bit over `--rounds` rounds, the
   settings taking turns block by block (all caches are filled first, so a host whose
   speed drifts slows every setting alike; every other round in reverse order), each
-  cache cut back to the context after its block where it can trim (rows say
-  `cut_back`), two ways of `--steps` tokens each:
+  layer that grew cut back to the context after its block (a sliding ring that has
+  wrapped holds its window at any offset and stays; rows say `cut_back`: false only
+  where a layer grew and could not trim), two ways of `--steps` tokens each:
   - generate: through mlx-lm's own `generate_step` (the next step's graph is built
     while the device runs the current one, as in `mlx_lm.generate` and the server:
     what users get);
@@ -55,7 +56,6 @@ import mlx_lm_ext
 from mlx_lm_ext.fixes import quantized_attention
 from mlx_lm_ext.kernels import launch, plan
 from mlx_lm_ext.report.measure import (
-    attention_layers,
     bootstrap_interval,
     cut_back,
     decode_times,
@@ -63,6 +63,7 @@ from mlx_lm_ext.report.measure import (
     generation_rate,
     generation_times,
     interleaved,
+    offsets,
     prefill,
     quantile_of,
     quantize,
@@ -214,16 +215,16 @@ WAYS = {"gen": "gen_tok_s", "step": "tok_s"}  # generate_step's tokens, evaluate
 
 
 def _rates(model: Any, cache: list[Any], bits: int | None, patched: bool, steps: int) -> tuple[dict, bool]:
-    """A block of each way (WAYS), each token's seconds; then the cache is cut back to its
-    length before them where every layer can be (`measure.cut_back`)."""
+    """A block of each way (WAYS), each token's seconds; then each layer is cut back to
+    its length before them where it grew (`measure.cut_back`)."""
     _delivery(patched, _settings(bits), bits)
     try:
-        start = attention_layers(cache)[0].offset
+        marks = offsets(cache)
         blocks = {
             "gen": generation_times(model, cache, steps, WARMUP),
             "step": decode_times(model, cache, steps),
         }
-        return blocks, cut_back(cache, start)
+        return blocks, cut_back(cache, marks)
     finally:
         undo_delivery()
 
@@ -421,12 +422,14 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += _section(result["rows"], "decode", 9, _decode_cells)
-    lines += [
-        "",
-        "| prefill tokens | KV | mlx-lm | prefill tok/s | x unpatched 16-bit |",
-        "|---|---|---|---|---|",
-    ]
-    lines += _section(result["rows"], "prefill", 2, _prefill_cells)
+    prefills = _section(result["rows"], "prefill", 2, _prefill_cells)
+    if prefills:  # none with --prefill 0
+        lines += [
+            "",
+            "| prefill tokens | KV | mlx-lm | prefill tok/s | x unpatched 16-bit |",
+            "|---|---|---|---|---|",
+        ]
+        lines += prefills
     convert = [r for r in result["rows"] if r["kind"] == "quantize" and "convert_ms" in r]
     if convert:
         lines += ["", "One-off conversion of the 16-bit cache at --quantized-kv-start:"]

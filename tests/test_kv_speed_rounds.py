@@ -3,9 +3,10 @@ and each row carries the settled generate rate, its ratio and the per-block toke
 
 from __future__ import annotations
 
+import mlx.core as mx
 import pytest
 from benchmark_scripts import BENCHMARKS, load
-from mlx_lm.models.cache import RotatingKVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 import mlx_lm_ext
 from mlx_lm_ext.report.measure import attention_layers, cut_back
@@ -24,26 +25,61 @@ def model(kv_speed):
     return kv_speed.load_model("llama-3.2", None)[1]
 
 
+@pytest.fixture(scope="module")
+def sliding(kv_speed):
+    """gpt-oss's stand-in: sliding layers of window 128 between full-attention ones."""
+    return kv_speed.load_model("gpt-oss", None)[1]
+
+
 @pytest.mark.parametrize("bits", [None, 8])
-def test_a_round_leaves_the_cache_at_its_length(kv_speed, model, bits):
+@pytest.mark.parametrize("which", ["model", "sliding"])
+def test_a_round_leaves_the_cache_at_its_length(kv_speed, request, which, bits):
     """Generate and step blocks grow the cache by twice their tokens and more; the round
-    cuts it back, so the next round decodes at the same context (uncut, 11 rounds took a
-    4K cache past 10K)."""
+    cuts every growing layer back, so the next round decodes at the same context (uncut,
+    11 rounds took a 4K cache past 10K). Beside sliding rings that have wrapped (300
+    tokens in a window of 128), the full-attention layers are cut back too."""
+    model = request.getfixturevalue(which)
     cache = kv_speed._filled(model, 300, bits, True, 0)["cache"]
-    length = attention_layers(cache)[0].offset
+    layers = attention_layers(cache)
+    full = [c for c in layers if getattr(c, "max_size", None) is None]
+    rings = [c for c in layers if c not in full]
+    length = full[0].offset  # the fill's 300 and its warm-up tokens
     blocks, cut = kv_speed._rates(model, cache, bits, True, 6)
     assert cut and [len(blocks[way]) for way in ("gen", "step")] == [6, 6]
-    assert {c.offset for c in attention_layers(cache)} == {length}
+    assert {c.offset for c in full} == {length}
+    assert all(c.offset > length and c.offset >= c.max_size for c in rings)
+    assert bool(rings) == (which == "sliding")
     assert not mlx_lm_ext.applied()  # the round's delivery is undone
 
 
-def test_a_wrapped_ring_is_left_to_grow(kv_speed):
-    """A ring that has wrapped cannot trim: the round says so and changes nothing."""
-    import mlx.core as mx
+def _grown(layer, before: int, after: int):
+    """`layer` holding `before` tokens, its offset mark taken, then `after`."""
+    layer.update_and_fetch(mx.zeros((1, 1, before, 4)), mx.zeros((1, 1, before, 4)))
+    mark = layer.offset
+    for _ in range(after - before):
+        layer.update_and_fetch(mx.zeros((1, 1, 1, 4)), mx.zeros((1, 1, 1, 4)))
+    return mark
 
-    ring = RotatingKVCache(max_size=8, keep=0)
-    ring.update_and_fetch(mx.zeros((1, 1, 12, 4)), mx.zeros((1, 1, 12, 4)))
-    assert cut_back([ring], 4) is False and ring.offset == 12
+
+def test_a_wrapped_ring_stays_and_the_layer_beside_it_is_cut_back():
+    """A wrapped ring holds its window at any offset: left alone, it does not stop the
+    full layer beside it from being cut back."""
+    ring, full = RotatingKVCache(max_size=8, keep=0), KVCache()
+    marks = [_grown(ring, 12, 15), _grown(full, 12, 15)]
+    assert cut_back([ring, full], marks) is True
+    assert (ring.offset, full.offset) == (15, 12)
+
+
+def test_a_layer_that_grows_and_cannot_trim_says_so():
+    """A layer that grew and cannot trim leaves the round uncut, and says so."""
+
+    class Untrimmable(KVCache):
+        def is_trimmable(self) -> bool:
+            return False
+
+    layer = Untrimmable()
+    marks = [_grown(layer, 4, 6)]
+    assert cut_back([layer], marks) is False and layer.offset == 6
 
 
 def test_rows_carry_the_settled_rate_beside_the_block_means(kv_speed, model):

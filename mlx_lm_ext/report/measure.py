@@ -162,18 +162,37 @@ def no_gc() -> Iterator[None]:
         gc.enable()
 
 
-def cut_back(cache: list[Any], length: int) -> bool:
-    """Trim the cache back to `length` tokens, so that every round of a benchmark decodes
-    at the context it names: uncut, 8 rounds of two 256-token blocks took a 2K cache past
-    6K, and on this CPU the same 16-bit decode slowed 2.2x from the first round to the
-    last. False where a layer cannot trim (a ring that has wrapped, recurrent state):
-    that cache grows as it decodes."""
-    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+def offsets(cache: list[Any]) -> list[int]:
+    """Each attention layer's offset: what `cut_back` returns the layers to."""
+    return [c.offset for c in attention_layers(cache)]
 
-    if not can_trim_prompt_cache(cache):
-        return False
-    trim_prompt_cache(cache, attention_layers(cache)[0].offset - length)
-    return True
+
+def cut_back(cache: list[Any], marks: list[int]) -> bool:
+    """Trim each attention layer back to its offset in `marks` (`offsets` taken before a
+    block), so that every round of a benchmark decodes at the context it names: uncut, 8
+    rounds of two 256-token blocks took a 2K cache past 6K, and on this CPU the same
+    16-bit decode slowed 2.2x from the first round to the last.
+
+    Layers that cannot trim but do not grow are left as they are: a ring that has wrapped
+    holds its window at any offset, recurrent state has one size. Gemma's global layers
+    are trimmed beside its wrapped sliding rings (before, one wrapped ring left the whole
+    cache uncut: 11 rounds took a "4K" row's global layers near 10K). False where a layer
+    grew and cannot trim."""
+    held = True
+    for layer, mark in zip(attention_layers(cache), marks, strict=True):
+        if layer.offset == mark:
+            continue
+        if layer.is_trimmable():
+            layer.trim(layer.offset - mark)
+        else:
+            held = held and _full_ring(layer)
+    return held
+
+
+def _full_ring(layer: Any) -> bool:
+    """A ring holding its whole window: decoding on does not grow it."""
+    size = getattr(layer, "max_size", None)
+    return size is not None and layer.offset >= size
 
 
 def bootstrap_interval(
